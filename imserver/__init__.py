@@ -1,0 +1,99 @@
+"""imserver: a WebSocket instant-messaging server, after the Go ConnManager design.
+
+``create_app`` is the application factory, for ``flask --app imserver``,
+``gunicorn -k gthread 'imserver:create_app()'`` and the tests.
+"""
+
+import atexit
+import concurrent.futures
+import logging
+import os
+
+from flask import Flask
+from flask import send_from_directory
+from werkzeug.exceptions import HTTPException
+
+from imserver.config import DEFAULTS
+from imserver.errors import ImError
+from imserver.errors import Unavailable
+
+logger = logging.getLogger(__name__)
+
+# HTTP statuses werkzeug raises itself, as contract codes.
+_HTTP_CODES = {400: "invalid", 401: "unauthorized", 403: "forbidden",
+               404: "not_found", 405: "invalid", 409: "conflict", 413: "too_large",
+               429: "rate_limited"}
+
+
+def create_app(test_config: dict | None = None) -> Flask:
+    """Create and configure an imserver app, and start its threads."""
+    app = Flask(__name__, instance_relative_config=True, static_folder="static")
+
+    # 1. Configuration: the contract's defaults, then IMSERVER_* variables
+    #    (values pass through json.loads: IMSERVER_RATE_LIMIT=20 is an int),
+    #    then what a test passes in.
+    app.config.from_mapping(DEFAULTS)
+    app.config.from_prefixed_env("IMSERVER")
+    if test_config is not None:
+        app.config.from_mapping(test_config)
+    os.makedirs(app.instance_path, exist_ok=True)
+
+    # 2. The signing key of tokens: configured, or kept in the instance folder.
+    if not app.config["SECRET_KEY"]:
+        from imserver.auth import load_secret_key
+
+        app.config["SECRET_KEY"] = load_secret_key(app.instance_path)
+
+    # 3. The database: SQLite in the instance folder unless DATABASE_URL says
+    #    otherwise; tables are created (or migrated) on first start.
+    from imserver import db
+
+    url = app.config["DATABASE_URL"] or db.default_url(app.instance_path)
+    database = db.init_database(url)
+
+    # 4. The Hub: ConnManager, the writer, the broker, the heartbeat.
+    from imserver.hub import Hub
+
+    hub = Hub(app.config, database)
+    app.extensions["imserver"] = hub
+    atexit.register(hub.shutdown)
+
+    # 5. The views: HTTP blueprints and the WebSocket.
+    from imserver import accounts
+    from imserver import groups
+    from imserver import messages
+    from imserver import ops
+    from imserver import ws
+
+    app.register_blueprint(accounts.bp)
+    app.register_blueprint(groups.bp)
+    app.register_blueprint(messages.bp)
+    app.register_blueprint(ops.bp)
+    ws.init_app(app)
+
+    @app.get("/")
+    def index():
+        """Serve the web client."""
+        return send_from_directory(app.static_folder, "index.html")
+
+    # 6. Errors: every refusal in the contract's envelope, never HTML.
+    @app.errorhandler(ImError)
+    def handle_im_error(error: ImError):
+        return error.to_dict(), error.status
+
+    @app.errorhandler(HTTPException)
+    def handle_http_error(error: HTTPException):
+        code = _HTTP_CODES.get(error.code, "invalid" if error.code < 500 else "internal")
+        body = {"error": {"code": code, "message": error.description or error.name}}
+        return body, error.code
+
+    @app.errorhandler(concurrent.futures.TimeoutError)
+    def handle_timeout(error):
+        return Unavailable("the server is busy, try again").to_dict(), 503
+
+    @app.errorhandler(Exception)
+    def handle_crash(error: Exception):
+        logger.exception("request failed")
+        return {"error": {"code": "internal", "message": "internal error"}}, 500
+
+    return app

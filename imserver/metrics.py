@@ -1,0 +1,61 @@
+"""Counters and histograms, exposed at ``/metrics`` in Prometheus text.
+
+One ``Metrics`` object per app, on its own ``CollectorRegistry`` (so that
+several apps in one test process do not collide). The names are the
+contract's (``imserver_connections``, ``imserver_messages_total``,
+``imserver_deliveries_total``) plus a few for operators.
+
+Imports: stdlib and prometheus_client only.
+"""
+
+from prometheus_client import CollectorRegistry
+from prometheus_client import Counter
+from prometheus_client import Gauge
+from prometheus_client import Histogram
+from prometheus_client import generate_latest
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+
+class Metrics:
+    """The process's metrics."""
+
+    def __init__(self, connections_fn) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.connections = Gauge("imserver_connections", "Open WebSocket connections",
+                                 registry=r)
+        self.connections.set_function(connections_fn)
+        self.messages = Counter("imserver_messages_total", "Messages stored", registry=r)
+        self.deliveries = Counter("imserver_deliveries_total",
+                                  "Inbox entries written to a live connection", registry=r)
+        self.replayed = Counter("imserver_replayed_total",
+                                "Inbox entries replayed from the database", registry=r)
+        self.refused = Counter("imserver_refused_frames_total",
+                               "Frames refused with an error", ["code"], registry=r)
+        self.rate_limited = Counter("imserver_rate_limited_total",
+                                    "Frames refused with rate_limited", registry=r)
+        self.slow_closed = Counter("imserver_slow_receivers_closed_total",
+                                   "Connections closed because they did not read",
+                                   registry=r)
+        self.closed = Counter("imserver_connections_closed_total",
+                              "Connections closed", registry=r)
+        self.send_latency = Histogram("imserver_send_to_sent_seconds",
+                                      "From a send frame to its sent answer",
+                                      buckets=LATENCY_BUCKETS, registry=r)
+        self.commit_latency = Histogram("imserver_commit_seconds",
+                                        "One group commit", buckets=LATENCY_BUCKETS,
+                                        registry=r)
+        self.commit_batch = Histogram("imserver_commit_batch_ops",
+                                      "Operations in one group commit",
+                                      buckets=(1, 2, 5, 10, 20, 50, 100, 200, 512),
+                                      registry=r)
+
+    def observe_commit(self, seconds: float, ops: int) -> None:
+        """Record one group commit."""
+        self.commit_latency.observe(seconds)
+        self.commit_batch.observe(ops)
+
+    def render(self) -> bytes:
+        """Return the Prometheus text exposition."""
+        return generate_latest(self.registry)

@@ -1,0 +1,353 @@
+"""Socket writes that never block the writer and never interleave frames.
+
+simple-websocket writes with a bare ``sock.send`` from two threads (our
+handler's ``send`` and its own reader thread, which answers pings and close
+frames), ignores short writes (simple-websocket issue #45), and blocks
+forever on a client that stopped reading. ``BufferedSocket`` is put in place
+of the raw socket, so every write of both threads goes through it:
+
+- each ``send(data)`` appends ``data`` whole to one ordered outgoing buffer
+  under a lock, so frames from different threads never interleave;
+- it writes at once what the kernel takes (``MSG_DONTWAIT``) and leaves the
+  rest to the ``Flusher``, one thread per process that writes every
+  connection's leftovers when its socket becomes writable; the caller never
+  waits for the client;
+- a connection whose oldest unsent byte waited ``send_timeout`` seconds, or
+  whose buffer passed ``max_outbuf`` bytes, is *aborted*: its buffer is
+  dropped and the connection reset, so a client never receives part of a
+  frame followed by anything else. The memory one client can make us hold
+  is bounded by ``max_outbuf``.
+
+It also records when the client last sent anything (``last_recv``), pongs
+included, for the heartbeat.
+
+Imports: stdlib only.
+"""
+
+import errno
+import logging
+import selectors
+import socket
+import struct
+import threading
+import time
+
+logger = logging.getLogger(__name__)
+
+
+class SlowReceiver(ConnectionError):
+    """The client did not read its frames in time; the connection is aborted."""
+
+
+class BufferedSocket:
+    """A connected socket whose writes are queued, ordered and bounded.
+
+    Presents the part of the socket interface simple-websocket uses:
+    ``send``, ``recv``, ``close``, ``fileno``.
+    """
+
+    def __init__(self, sock: socket.socket, flusher: "Flusher", send_timeout: float,
+                 max_outbuf: int) -> None:
+        self._sock = sock
+        self._flusher = flusher
+        self.send_timeout = send_timeout
+        self.max_outbuf = max_outbuf
+        # Guards _out, _since, _error, _closing and every write to _sock.
+        self._lock = threading.Lock()
+        # Bytes accepted but not yet taken by the kernel, in order.
+        self._out = bytearray()
+        # Monotonic time since which _out has been non-empty.
+        self._since: float | None = None
+        # Set once the connection failed; every later send raises it.
+        self._error: Exception | None = None
+        # Shut the socket down once _out is empty (after a close frame).
+        self._closing = False
+        # Signalled whenever _out shrinks (for wait_drained).
+        self._drained = threading.Condition(self._lock)
+        self.last_recv = time.monotonic()
+        self.peer = _peer(sock)
+
+    # -- the socket interface ---------------------------------------------
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def recv(self, size: int) -> bytes:
+        """Receive from the client and note the time, for the heartbeat."""
+        data = self._sock.recv(size)
+        self.last_recv = time.monotonic()
+        return data
+
+    def send(self, data: bytes) -> int:
+        """Queue ``data`` whole, write what fits now, never block.
+
+        Returns ``len(data)``: the bytes are the connection's from here on.
+        Raises the connection's error once it has failed.
+        """
+        with self._lock:
+            if self._error is not None:
+                raise self._error
+            if self._out:
+                # Older bytes wait: append after them to keep the order.
+                if len(self._out) + len(data) > self.max_outbuf:
+                    self._abort(SlowReceiver("outgoing buffer full"))
+                    raise self._error
+                self._out += data
+                return len(data)
+            try:
+                sent = self._sock.send(data, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self._abort(exc)
+                raise
+            if sent < len(data):
+                if len(data) - sent > self.max_outbuf:
+                    self._abort(SlowReceiver("outgoing buffer full"))
+                    raise self._error
+                self._out += memoryview(data)[sent:]
+                self._since = time.monotonic()
+                self._flusher.watch(self)
+            return len(data)
+
+    def close(self) -> None:
+        """Close the socket (simple-websocket's reader calls this last)."""
+        with self._lock:
+            if self._error is None:
+                self._error = ConnectionError("closed")
+            self._out.clear()
+            self._drained.notify_all()
+        self._flusher.forget(self)
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+
+    # -- what imserver adds -------------------------------------------------
+
+    def shutdown_after_flush(self) -> None:
+        """Shut the connection down once every queued byte is written.
+
+        Go's ``conn.Close()`` after the close frame: here the close frame may
+        still wait in the buffer, so the shutdown waits for it (at most
+        ``send_timeout``, then the connection is aborted).
+        """
+        with self._lock:
+            if self._error is not None:
+                return
+            if self._out:
+                self._closing = True
+                return
+            self._shutdown()
+
+    def abort(self, reason: str = "aborted") -> None:
+        """Drop what is queued and reset the connection now."""
+        with self._lock:
+            if self._error is None:
+                self._abort(ConnectionError(reason))
+
+    def wait_drained(self, below: int, timeout: float) -> bool:
+        """Block until fewer than ``below`` bytes are queued; False on timeout.
+
+        Only a connection's own handler calls this (while replaying a long
+        inbox, so that the buffer does not grow past ``max_outbuf``).
+        """
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while len(self._out) >= below and self._error is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._drained.wait(remaining)
+            return self._error is None
+
+    def queued(self) -> int:
+        """Return the number of bytes waiting to be written."""
+        return len(self._out)
+
+    # -- called by the Flusher ----------------------------------------------
+
+    def _flush(self) -> bool:
+        """Write what the kernel takes now; return True when nothing is left."""
+        with self._lock:
+            if self._error is not None:
+                return True
+            while self._out:
+                try:
+                    sent = self._sock.send(self._out, socket.MSG_DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as exc:
+                    self._abort(exc)
+                    return True
+                del self._out[:sent]
+                self._since = time.monotonic()
+            self._drained.notify_all()
+            if self._out:
+                return False
+            self._since = None
+            if self._closing:
+                self._shutdown()
+            return True
+
+    def _expired(self, now: float) -> bool:
+        """Abort if the oldest queued byte waited past ``send_timeout``."""
+        with self._lock:
+            if self._since is not None and now - self._since >= self.send_timeout:
+                logger.warning("slow receiver aborted peer=%s queued=%d", self.peer,
+                               len(self._out))
+                self._abort(SlowReceiver("send timeout"))
+                return True
+            return self._error is not None
+
+    # -- internals (lock held) ----------------------------------------------
+
+    def _shutdown(self) -> None:
+        """Send FIN after the queued bytes and wake the reader; lock held."""
+        assert self._lock.locked()
+        self._error = ConnectionError("closed")
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _abort(self, exc: Exception) -> None:
+        """Fail the connection: drop the buffer, reset, wake the reader; lock held.
+
+        SO_LINGER 0 makes the final close send RST and discard what the
+        kernel still holds, so the client never sees a cut frame followed by
+        a clean end of stream.
+        """
+        assert self._lock.locked()
+        self._error = exc
+        self._out.clear()
+        self._since = None
+        self._drained.notify_all()
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                  struct.pack("ii", 1, 0))
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+def _peer(sock: socket.socket) -> str:
+    """Return ``host:port`` of the client, for logs."""
+    try:
+        host, port = sock.getpeername()[:2]
+    except (OSError, ValueError):
+        return "?"
+    return f"{host}:{port}"
+
+
+class Flusher:
+    """One thread per process writing every connection's queued bytes.
+
+    Connections are added by ``watch`` when a write leaves bytes behind and
+    leave once their buffer is empty, so an idle or fast connection costs
+    this thread nothing. It also aborts connections whose buffer waited past
+    their ``send_timeout`` (slow receivers).
+    """
+
+    def __init__(self) -> None:
+        self._selector = selectors.DefaultSelector()
+        # Guards _watched and _pending (touched by writers and the thread).
+        self._lock = threading.Lock()
+        # Every BufferedSocket with bytes queued: registered or about to be.
+        self._watched: set[BufferedSocket] = set()
+        # Sockets to register with the selector (only the thread does).
+        self._pending: list[BufferedSocket] = []
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="imserver-flusher",
+                                        daemon=True)
+        self._thread.start()
+
+    def watch(self, bsock: BufferedSocket) -> None:
+        """Have the thread write ``bsock``'s queued bytes when it can."""
+        with self._lock:
+            if bsock in self._watched:
+                return
+            self._watched.add(bsock)
+            self._pending.append(bsock)
+        self._wake()
+
+    def forget(self, bsock: BufferedSocket) -> None:
+        """Stop watching a socket that is being closed."""
+        with self._lock:
+            self._watched.discard(bsock)
+        # A writer may have queued bytes between the last flush and the
+        # discard above, and seen the socket still watched: look again.
+        if bsock.queued() and bsock._error is None:
+            self.watch(bsock)
+        self._wake()
+
+    def stop(self) -> None:
+        """Stop the thread."""
+        self._stopped = True
+        self._wake()
+        self._thread.join(timeout=5)
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # a wake-up byte is already pending, or we are stopping
+
+    def _run(self) -> None:
+        registered: dict[BufferedSocket, int] = {}
+        while not self._stopped:
+            try:
+                self._step(registered)
+            except Exception:
+                logger.exception("flusher step failed")
+        self._selector.close()
+
+    def _step(self, registered: dict) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+            watched = set(self._watched)
+        for bsock in pending:
+            if bsock in registered:
+                continue
+            try:
+                fd = bsock.fileno()
+                self._selector.register(fd, selectors.EVENT_WRITE, bsock)
+                registered[bsock] = fd
+            except (ValueError, OSError, KeyError):
+                self._done(bsock, registered)
+        for bsock in [b for b in registered if b not in watched]:
+            self._done(bsock, registered)
+        events = self._selector.select(timeout=0.5)
+        for key, _ in events:
+            if key.data is None:
+                try:
+                    while self._wake_r.recv(4096):
+                        pass
+                except (BlockingIOError, OSError) as exc:
+                    if getattr(exc, "errno", None) not in (None, errno.EAGAIN):
+                        logger.debug("wake pipe: %r", exc)
+                continue
+            if key.data._flush():
+                self._done(key.data, registered)
+        now = time.monotonic()
+        for bsock in list(registered):
+            if bsock._expired(now):
+                self._done(bsock, registered)
+
+    def _done(self, bsock: BufferedSocket, registered: dict) -> None:
+        fd = registered.pop(bsock, None)
+        if fd is not None:
+            try:
+                self._selector.unregister(fd)
+            except (KeyError, ValueError, OSError):
+                pass
+        with self._lock:
+            self._watched.discard(bsock)
+        # A writer may have queued bytes between the last flush and the
+        # discard above, and seen the socket still watched: look again.
+        if bsock.queued() and bsock._error is None:
+            self.watch(bsock)

@@ -1,0 +1,219 @@
+"""The WebSocket endpoint ``/ws``: one handler thread per connection.
+
+The Go article runs one goroutine per connection that reads the client's
+frames; flask-sock runs our handler in one server thread per connection
+(gunicorn's gthread pool, or werkzeug's thread), and simple-websocket adds a
+reader thread that parses the socket into frames for ``ws.receive()``.
+
+The life of a connection:
+
+1. ``before_request`` (before the upgrade): check the token, else answer 401
+   and never upgrade; put a ``BufferedSocket`` in place of the raw socket so
+   that every write (ours and simple-websocket's pongs and close replies) is
+   queued whole, in order, and never blocks.
+2. The handler sends ``ready``, registers the connection in the
+   ``ConnManager`` at the user's acked cursor (a previous connection of the
+   user is closed with 4001 ``replaced``), and replays every inbox entry
+   above the cursor from the database. Live entries committed meanwhile are
+   held by the connection's wrapper and written right after the replayed
+   ones: no gap, no reordering, nothing twice.
+3. It loops on ``ws.receive()``: ``send`` is queued to the writer and
+   answered ``sent`` after the commit; ``ack`` moves the cursor; ``ping`` is
+   answered ``pong``; anything else gets an ``error`` frame, and the
+   connection stays open.
+4. However it ends, the handler removes its own wrapper from the
+   ``ConnManager``, never a newer connection of the same user.
+
+This is the only module that imports flask_sock or simple_websocket.
+"""
+
+import logging
+import time
+
+from flask import Blueprint
+from flask import g
+from flask import request
+from flask_sock import Sock
+from simple_websocket import ConnectionClosed
+from wsproto.events import Ping as WsPing
+
+from imserver import delivery
+from imserver.auth import authenticate
+from imserver.errors import BadFrame
+from imserver.errors import ImError
+from imserver.hub import current_hub
+from imserver.protocol import PONG
+from imserver.protocol import Ack
+from imserver.protocol import Ping
+from imserver.protocol import Send
+from imserver.protocol import encode_error
+from imserver.protocol import encode_ready
+from imserver.protocol import encode_sent
+from imserver.protocol import parse_frame
+from imserver.transport import BufferedSocket
+
+logger = logging.getLogger(__name__)
+
+bp = Blueprint("ws", __name__)
+sock = Sock()
+
+# The WSGI environ keys under which servers hand over the client's socket.
+_SOCKET_KEYS = ("gunicorn.socket", "werkzeug.socket")
+
+
+class Session:
+    """One WebSocket as the ``ConnManager`` sees it: ``send``, ``close``, ``ping``.
+
+    The ``ConnManager`` wrapper's lock serializes calls to ``send``,
+    ``close`` and ``ping``; simple-websocket's reader thread writes its
+    pongs and close replies through the same ``BufferedSocket``, which keeps
+    every frame whole.
+    """
+
+    def __init__(self, ws, bsock: BufferedSocket) -> None:
+        self.ws = ws
+        self.bsock = bsock
+
+    def send(self, text: str) -> None:
+        """Queue one text frame; raise ``ConnectionClosed`` once closed."""
+        self.ws.send(text)
+
+    def ping(self) -> None:
+        """Queue a WebSocket ping; the client's pong counts as activity."""
+        if not self.ws.connected:
+            raise ConnectionClosed(self.ws.close_reason, self.ws.close_message)
+        self.bsock.send(self.ws.ws.send(WsPing()))
+
+    def close(self, code: int, reason: str) -> None:
+        """Write a close frame, then shut the socket down once it is written."""
+        try:
+            self.ws.close(code, reason)
+        except (ConnectionClosed, OSError):
+            pass
+        except Exception as exc:
+            # wsproto refuses a close frame in some states: the socket goes anyway.
+            logger.debug("close frame not sent: %r", exc)
+        self.bsock.shutdown_after_flush()
+
+    def idle_for(self) -> float:
+        """Return seconds since the client last sent anything."""
+        return time.monotonic() - self.bsock.last_recv
+
+    def wait_drained(self, below: int, timeout: float) -> bool:
+        """Wait until the client has read all but ``below`` queued bytes."""
+        return self.bsock.wait_drained(below, timeout)
+
+
+@bp.before_request
+def check_token_before_upgrade():
+    """Refuse a bad token with 401 before the upgrade; wrap the socket."""
+    user_id = authenticate()
+    hub = current_hub()
+    environ = request.environ
+    if not hub.config["WS_COMPRESSION"]:
+        # simple-websocket accepts permessage-deflate whenever it is offered;
+        # without the offer in the handshake it is not negotiated.
+        environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
+    for key in _SOCKET_KEYS:
+        raw = environ.get(key)
+        if raw is not None:
+            bsock = BufferedSocket(raw, hub.flusher, hub.config["SEND_TIMEOUT"],
+                                   hub.config["MAX_OUTBUF_BYTES"])
+            environ[key] = bsock
+            g.bsock = bsock
+            break
+    g.user_id = user_id
+
+
+@sock.route("/ws", bp=bp)
+def websocket(ws):
+    """Serve one user's WebSocket until it closes."""
+    hub = current_hub()
+    user_id = g.user_id
+    session = Session(ws, g.bsock)
+    logger.info("connected user_id=%s peer=%s", user_id, g.bsock.peer)
+    # The first frame, before the connection can receive anything else.
+    session.send(encode_ready(user_id))
+    acked, _ = hub.store.cursor(user_id)
+    wrapper = hub.conns.set_conn(user_id, session, last_seq=acked)
+    reason = "closed by client"
+    try:
+        # Offline: everything above the cursor, then the held live entries.
+        hub.catch_up(wrapper)
+        max_body = hub.config["MAX_BODY_CHARS"]
+        while True:
+            # No timeout needed: a close by another thread (replace, kick,
+            # heartbeat, shutdown) shuts the socket down, which wakes this.
+            text = ws.receive()
+            if text is None:
+                continue
+            _handle(hub, wrapper, user_id, text, max_body)
+    except ConnectionClosed:
+        reason = f"closed code={ws.close_reason}"
+    except ConnectionError as exc:
+        reason = f"connection lost ({exc.__class__.__name__}: {exc})"
+    except Exception:
+        logger.exception("connection handler failed user_id=%s", user_id)
+        reason = "handler failed"
+        hub.conns.close_and_delete_conn(user_id, 1011, "internal error", expected=wrapper)
+    finally:
+        # Removes this connection only: never the one that replaced it.
+        hub.conns.close_and_delete_conn(user_id, expected=wrapper)
+        hub.metrics.closed.inc()
+        logger.info("disconnected user_id=%s reason=%s", user_id, reason)
+
+
+def _handle(hub, wrapper, user_id: int, text, max_body: int) -> None:
+    """Answer one frame from the client."""
+    try:
+        frame = parse_frame(text, max_body)
+        if isinstance(frame, Send):
+            _send(hub, wrapper, user_id, frame)
+        elif isinstance(frame, Ack):
+            if frame.seq > wrapper.last_seq:
+                raise BadFrame(f"ack of seq {frame.seq} beyond the last entry sent")
+            hub.store.ack(user_id, frame.seq)
+        elif isinstance(frame, Ping):
+            wrapper.send(PONG)
+    except ImError as error:
+        hub.metrics.refused.labels(error.code).inc()
+        logger.info("refused frame user_id=%s code=%s", user_id, error.code)
+        wrapper.send(encode_error(error.code, error.message, getattr(error, "cid", None)))
+
+
+def _send(hub, wrapper, user_id: int, frame: Send) -> None:
+    """Queue a message; ``sent`` (or ``error``) follows after the commit."""
+    started = time.monotonic()
+    try:
+        future = delivery.submit(hub, user_id, frame.body, frame.cid, to=frame.to,
+                                 group=frame.group)
+    except ImError as error:
+        error.cid = frame.cid
+        raise
+
+    def answer(future):
+        # Runs in the writer thread right after the commit.
+        try:
+            error = future.exception()
+            if error is None:
+                message = future.result().message
+                wrapper.send(encode_sent(frame.cid, message["id"], message["ts"]))
+                hub.metrics.send_latency.observe(time.monotonic() - started)
+            elif isinstance(error, ImError):
+                wrapper.send(encode_error(error.code, error.message, frame.cid))
+            else:
+                wrapper.send(encode_error("internal", "internal error", frame.cid))
+        except Exception as exc:
+            # The sender's connection is gone; the message is stored anyway.
+            logger.debug("answer not sent user_id=%s: %r", user_id, exc)
+
+    future.add_done_callback(answer)
+
+
+def init_app(app) -> None:
+    """Register the WebSocket blueprint and flask-sock's options."""
+    app.config.setdefault("SOCK_SERVER_OPTIONS", {})
+    # simple-websocket closes with 1009 past this size itself.
+    app.config["SOCK_SERVER_OPTIONS"]["max_message_size"] = app.config["MAX_FRAME_BYTES"]
+    sock.init_app(app)
+    app.register_blueprint(bp)

@@ -1,0 +1,188 @@
+"""Fixtures: an app on a SQLite file, a live server, real WebSocket clients.
+
+Everything runs for real: ``live_server`` serves the app on 127.0.0.1 with
+werkzeug's threaded server (already listening when it returns), clients are
+``websockets.sync.client`` over real sockets, and the database is a SQLite
+file under ``tmp_path``. Tests synchronise on what a client observes (a
+frame, a close code) or poll with one deadline (``wait_until``), never on
+sleeps. ``T`` is the one time unit, scaled by ``TESTS_TIMEOUT_FACTOR``.
+"""
+
+import itertools
+import json
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from websockets.sync.client import connect as ws_connect
+from werkzeug.serving import make_server
+
+from imserver import create_app
+
+T = 5.0 * float(os.environ.get("TESTS_TIMEOUT_FACTOR", "1"))
+
+_names = itertools.count(1)
+
+
+def wait_until(predicate, timeout: float = T, message: str = "condition"):
+    """Poll ``predicate`` until it is true, or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {message}")
+        time.sleep(0.01)
+
+
+def base_config(tmp_path, **overrides) -> dict:
+    """Return a test configuration on a SQLite file under ``tmp_path``."""
+    config = {
+        "TESTING": True,
+        "SECRET_KEY": "test-secret",
+        "DATABASE_URL": "sqlite:///" + str(tmp_path / "im.sqlite3"),
+        "RATE_LIMIT": 1000,
+        "RATE_BURST": 1000,
+    }
+    config.update(overrides)
+    return config
+
+
+@pytest.fixture
+def config_overrides():
+    """Settings a test module overrides (redefine this fixture)."""
+    return {}
+
+
+@pytest.fixture
+def app(tmp_path, config_overrides):
+    app = create_app(base_config(tmp_path, **config_overrides))
+    app.instance_path = str(tmp_path / "instance")
+    yield app
+    app.extensions["imserver"].shutdown()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+class LiveServer:
+    """A live app on 127.0.0.1 and helpers that speak the contract to it."""
+
+    def __init__(self, app):
+        self.app = app
+        self.hub = app.extensions["imserver"]
+        self.server = make_server("127.0.0.1", 0, app, threaded=True)
+        self.port = self.server.server_port
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.thread.join(T)
+
+    # -- HTTP -----------------------------------------------------------------
+
+    def request(self, method, path, body=None, token=None, raw=None, headers=None):
+        """Return ``(status, decoded JSON or None)`` of one HTTP call."""
+        data = raw if raw is not None else (
+            json.dumps(body).encode() if body is not None else None)
+        req = urllib.request.Request(self.url + path, data=data, method=method)
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        if token:
+            req.add_header("Authorization", f"Bearer {token}")
+        for key, value in (headers or {}).items():
+            req.add_header(key, value)
+        try:
+            with urllib.request.urlopen(req, timeout=T) as resp:
+                payload = resp.read()
+                status = resp.status
+        except urllib.error.HTTPError as exc:
+            payload = exc.read()
+            status = exc.code
+        return status, (json.loads(payload) if payload else None)
+
+    def user(self, name=None, password="password123"):
+        """Register a user and log in; return ``User(id, name, token)``."""
+        name = name or f"user{next(_names)}"
+        status, body = self.request("POST", "/api/users",
+                                    {"username": name, "password": password})
+        assert status == 201, body
+        status, tok = self.request("POST", "/api/tokens",
+                                   {"username": name, "password": password})
+        assert status == 200, tok
+        return User(body["id"], name, tok["token"], self)
+
+    # -- WebSocket --------------------------------------------------------------
+
+    def ws_url(self, token):
+        return f"ws://127.0.0.1:{self.port}/ws?token={token}"
+
+
+class User:
+    """A registered user of a live server."""
+
+    def __init__(self, id, name, token, server):
+        self.id, self.name, self.token, self.server = id, name, token, server
+
+    def connect(self, ready=True, **kwargs):
+        """Open a WebSocket; by default wait for and check ``ready``."""
+        kwargs.setdefault("open_timeout", T)
+        kwargs.setdefault("close_timeout", T)
+        kwargs.setdefault("compression", None)
+        kwargs.setdefault("legacy", True)
+        ws = Client(ws_connect(self.server.ws_url(self.token), **kwargs))
+        if ready:
+            assert ws.recv() == {"type": "ready", "user_id": self.id}
+        return ws
+
+
+class Client:
+    """A WebSocket client that sends and receives JSON frames."""
+
+    def __init__(self, ws):
+        self.ws = ws
+        self._cids = itertools.count(1)
+
+    def send(self, frame):
+        self.ws.send(frame if isinstance(frame, (str, bytes)) else json.dumps(frame))
+
+    def recv(self, timeout=T):
+        return json.loads(self.ws.recv(timeout=timeout))
+
+    def send_to(self, to=None, body="hi", cid=None, group=None):
+        """Send a message frame; return its cid."""
+        cid = cid or f"c{next(self._cids)}"
+        frame = {"type": "send", "cid": cid, "body": body}
+        if group is not None:
+            frame["group"] = group
+        else:
+            frame["to"] = to
+        self.send(frame)
+        return cid
+
+    def recv_type(self, kind, timeout=T):
+        """Receive frames until one of ``kind``; fail on anything else."""
+        frame = self.recv(timeout)
+        assert frame["type"] == kind, frame
+        return frame
+
+    def close(self):
+        self.ws.close()
+
+    def __getattr__(self, name):
+        return getattr(self.ws, name)
+
+
+@pytest.fixture
+def live_server(app):
+    server = LiveServer(app)
+    yield server
+    server.stop()
