@@ -1,0 +1,112 @@
+"""The ``imserver`` command, on Flask's click-based CLI.
+
+``imserver serve`` runs the server under gunicorn with gthread workers;
+``imserver run``/``routes``/``shell`` are Flask's own; ``imserver init-db``
+creates or migrates the schema; ``imserver admin grant USER`` sets the
+admin flag; ``imserver chat`` is the terminal client.
+"""
+
+import logging
+import os
+import sys
+
+import click
+from flask import current_app
+from flask.cli import FlaskGroup
+
+from imserver.chat_client import chat_command
+
+
+def _create_app():
+    from imserver import create_app
+
+    return create_app()
+
+
+@click.group(cls=FlaskGroup, create_app=_create_app)
+def cli():
+    """imserver: a WebSocket instant-messaging server."""
+
+
+@cli.command("serve", with_appcontext=False)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", default=5000, show_default=True, type=int, help="Port to bind.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="gunicorn worker processes (more than 1 needs IMSERVER_REDIS_URL).")
+@click.option("--threads", default=2000, show_default=True, type=click.IntRange(1, 30000),
+              help="Threads per worker: each open WebSocket holds one.")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+def serve(host, port, workers, threads, log_level):
+    """Run the server under gunicorn with gthread workers."""
+    if workers > 1 and not os.environ.get("IMSERVER_REDIS_URL"):
+        raise click.UsageError(
+            "several workers need IMSERVER_REDIS_URL: each worker holds its own "
+            "connections, and without Redis a message to a user connected to "
+            "another worker would only arrive when that user reconnects. "
+            "Set IMSERVER_REDIS_URL=redis://host:6379/0 or use --workers 1.")
+    from gunicorn.app.base import BaseApplication
+
+    from imserver import gunicorn_conf
+
+    class Server(BaseApplication):
+        def load_config(self):
+            for name in ("worker_class", "keepalive", "timeout", "graceful_timeout",
+                         "backlog", "post_fork", "post_worker_init"):
+                self.cfg.set(name, getattr(gunicorn_conf, name))
+            self.cfg.set("bind", [f"{host}:{port}"])
+            self.cfg.set("workers", workers)
+            self.cfg.set("threads", threads)
+            self.cfg.set("worker_connections", threads + 1000)
+            self.cfg.set("loglevel", log_level)
+            self.cfg.set("accesslog", None)
+
+        def load(self):
+            from imserver import create_app
+
+            return create_app()
+
+    logging.basicConfig(level=log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    Server().run()
+
+
+@cli.command("init-db")
+def init_db():
+    """Create the tables, or migrate them to the current schema."""
+    click.echo(f"database ready: {current_app.config['DATABASE_URL'] or 'instance SQLite'}")
+
+
+@cli.group("admin")
+def admin():
+    """Administer users."""
+
+
+@admin.command("grant")
+@click.argument("username")
+def admin_grant(username):
+    """Give USERNAME the admin flag."""
+    hub = current_app.extensions["imserver"]
+    if not hub.store.set_admin(username, True):
+        click.echo(f"no user {username!r}", err=True)
+        sys.exit(1)
+    click.echo(f"{username} is an admin")
+
+
+@admin.command("revoke")
+@click.argument("username")
+def admin_revoke(username):
+    """Take the admin flag from USERNAME."""
+    hub = current_app.extensions["imserver"]
+    if not hub.store.set_admin(username, False):
+        click.echo(f"no user {username!r}", err=True)
+        sys.exit(1)
+    click.echo(f"{username} is no longer an admin")
+
+
+cli.add_command(chat_command)
+
+
+def main():
+    """Entry point of the ``imserver`` console script."""
+    cli()

@@ -1,0 +1,71 @@
+"""gunicorn settings for imserver in production.
+
+Use: ``gunicorn -c python:imserver.gunicorn_conf 'imserver:create_app()'``
+(``imserver serve`` does the same). Every setting can be overridden on the
+command line or by ``GUNICORN_CMD_ARGS``.
+
+Why these values:
+
+- ``gthread`` runs one thread per open connection (the design's "one thread
+  per connection"): a WebSocket holds its thread for its whole life, so
+  ``threads`` is the number of WebSockets one worker can hold. Threads are
+  created only when needed, so a high ceiling costs nothing idle.
+- ``worker_connections`` above ``threads``: gunicorn stops accepting at this
+  count, and a connection past it waits in the listen backlog; keep room
+  for short HTTP calls.
+- ``timeout``: gunicorn kills a worker whose main thread missed its
+  heartbeat for this long; a burst of thousands of connections can starve
+  the main thread of the GIL for seconds, so it is generous.
+- On SIGTERM each worker closes every WebSocket with 1001 at once (the
+  ``post_worker_init`` hook below), then gunicorn's graceful stop ends.
+"""
+
+import os
+import resource
+import signal
+import threading
+
+bind = os.environ.get("IMSERVER_BIND", "127.0.0.1:5000")
+worker_class = "gthread"
+workers = 1
+threads = 2000
+worker_connections = 3000
+keepalive = 5
+timeout = 120
+graceful_timeout = 30
+backlog = 2048
+
+# Threads hold little: a smaller stack than the default 8 MiB keeps the
+# address space of thousands of threads small (only touched pages count
+# toward RSS either way).
+THREAD_STACK_SIZE = 1024 * 1024
+
+
+def _raise_fd_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
+
+
+def post_fork(server, worker):
+    """Prepare a worker: more file descriptors, smaller thread stacks."""
+    _raise_fd_limit()
+    threading.stack_size(THREAD_STACK_SIZE)
+
+
+def post_worker_init(worker):
+    """On SIGTERM, close every WebSocket with 1001 before gunicorn's own stop."""
+    hub = getattr(worker.wsgi, "extensions", {}).get("imserver")
+    if hub is None:
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum, frame):
+        threading.Thread(target=hub.shutdown, name="imserver-shutdown").start()
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
