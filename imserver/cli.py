@@ -60,6 +60,11 @@ def serve(host, port, workers, threads, log_level):
             self.cfg.set("worker_connections", threads + 1000)
             self.cfg.set("loglevel", log_level)
             self.cfg.set("accesslog", None)
+            # gunicorn >= 25.1 opens a control socket at one fixed path per
+            # user (~/.gunicorn/gunicorn.ctl): several servers on a host would
+            # take it from each other, and stopping one removes another's.
+            if "control_socket_disable" in self.cfg.settings:
+                self.cfg.set("control_socket_disable", True)
 
         def load(self):
             from imserver import create_app

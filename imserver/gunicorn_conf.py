@@ -32,6 +32,8 @@ threads = 2000
 worker_connections = 3000
 keepalive = 5
 timeout = 120
+# One gunicorn per host may run several instances: no shared control socket.
+control_socket_disable = True
 graceful_timeout = 30
 backlog = 2048
 

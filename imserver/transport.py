@@ -60,8 +60,12 @@ class BufferedSocket:
         self._since: float | None = None
         # Set once the connection failed; every later send raises it.
         self._error: Exception | None = None
-        # Shut the socket down once _out is empty (after a close frame).
+        # Shut the socket down once _out is empty (after a close frame), and
+        # close it too when the reader asked for that meanwhile.
         self._closing = False
+        self._close_when_flushed = False
+        # The socket was shut down (FIN or RST sent, reader woken).
+        self._shut = False
         # Signalled whenever _out shrinks (for wait_drained).
         self._drained = threading.Condition(self._lock)
         self.last_recv = time.monotonic()
@@ -111,17 +115,19 @@ class BufferedSocket:
             return len(data)
 
     def close(self) -> None:
-        """Close the socket (simple-websocket's reader calls this last)."""
+        """Close the socket once what is queued is written.
+
+        simple-websocket's reader calls this last, often right after queueing
+        a close frame (a reply, or 1009): that frame still goes out first.
+        """
         with self._lock:
-            if self._error is None:
-                self._error = ConnectionError("closed")
-            self._out.clear()
+            if self._out and self._error is None:
+                self._closing = self._close_when_flushed = True
+                return
+            self._shutdown()
             self._drained.notify_all()
         self._flusher.forget(self)
-        try:
-            self._sock.close()
-        except OSError:
-            pass
+        self._close_socket()
 
     # -- what imserver adds -------------------------------------------------
 
@@ -133,9 +139,7 @@ class BufferedSocket:
         ``send_timeout``, then the connection is aborted).
         """
         with self._lock:
-            if self._error is not None:
-                return
-            if self._out:
+            if self._out and self._error is None:
                 self._closing = True
                 return
             self._shutdown()
@@ -169,6 +173,12 @@ class BufferedSocket:
 
     def _flush(self) -> bool:
         """Write what the kernel takes now; return True when nothing is left."""
+        done = self._flush_locked()
+        if done and self._close_when_flushed:
+            self._close_socket()
+        return done
+
+    def _flush_locked(self) -> bool:
         with self._lock:
             if self._error is not None:
                 return True
@@ -197,17 +207,35 @@ class BufferedSocket:
                 logger.warning("slow receiver aborted peer=%s queued=%d", self.peer,
                                len(self._out))
                 self._abort(SlowReceiver("send timeout"))
-                return True
-            return self._error is not None
+                expired = True
+            else:
+                expired = self._error is not None
+        if expired and self._close_when_flushed:
+            self._close_socket()
+        return expired
 
     # -- internals (lock held) ----------------------------------------------
 
     def _shutdown(self) -> None:
-        """Send FIN after the queued bytes and wake the reader; lock held."""
+        """Send FIN after what the kernel holds and wake the reader; lock held.
+
+        Idempotent. After it every send raises, and whatever the server
+        writes on the raw socket later (werkzeug's response after the
+        handler) fails instead of reaching the client.
+        """
         assert self._lock.locked()
-        self._error = ConnectionError("closed")
+        if self._error is None:
+            self._error = ConnectionError("closed")
+        if not self._shut:
+            self._shut = True
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _close_socket(self) -> None:
         try:
-            self._sock.shutdown(socket.SHUT_RDWR)
+            self._sock.close()
         except OSError:
             pass
 
@@ -223,6 +251,7 @@ class BufferedSocket:
         self._out.clear()
         self._since = None
         self._drained.notify_all()
+        self._shut = True
         try:
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
                                   struct.pack("ii", 1, 0))
@@ -287,6 +316,8 @@ class Flusher:
 
     def stop(self) -> None:
         """Stop the thread."""
+        if self._stopped:
+            return
         self._stopped = True
         self._wake()
         self._thread.join(timeout=5)
@@ -305,13 +336,18 @@ class Flusher:
             except Exception:
                 logger.exception("flusher step failed")
         self._selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
 
     def _step(self, registered: dict) -> None:
         with self._lock:
             pending, self._pending = self._pending, []
             watched = set(self._watched)
+        # Forget closed sockets first: a new socket may reuse their fd.
+        for bsock in [b for b in registered if b not in watched]:
+            self._done(bsock, registered)
         for bsock in pending:
-            if bsock in registered:
+            if bsock in registered or bsock not in watched:
                 continue
             try:
                 fd = bsock.fileno()
@@ -319,8 +355,6 @@ class Flusher:
                 registered[bsock] = fd
             except (ValueError, OSError, KeyError):
                 self._done(bsock, registered)
-        for bsock in [b for b in registered if b not in watched]:
-            self._done(bsock, registered)
         events = self._selector.select(timeout=0.5)
         for key, _ in events:
             if key.data is None:

@@ -159,6 +159,9 @@ def websocket(ws):
     finally:
         # Removes this connection only: never the one that replaced it.
         hub.conns.close_and_delete_conn(user_id, expected=wrapper)
+        # Let the close frame go out and the socket shut down before the
+        # server takes the socket back (werkzeug writes a response on it).
+        session.wait_drained(1, hub.config["SEND_TIMEOUT"])
         hub.metrics.closed.inc()
         logger.info("disconnected user_id=%s reason=%s", user_id, reason)
 

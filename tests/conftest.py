@@ -186,3 +186,80 @@ def live_server(app):
     server = LiveServer(app)
     yield server
     server.stop()
+
+
+class RawClient:
+    """A WebSocket client on a bare socket that never answers pings.
+
+    It does the opening handshake by hand and then only does what the test
+    tells it: the silent or broken client real servers meet.
+    """
+
+    def __init__(self, port, token, timeout=T):
+        import base64
+        import socket
+
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall(
+            (f"GET /ws?token={token} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+             "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+             f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+        self.buf = b""
+        while b"\r\n\r\n" not in self.buf:
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                break
+            self.buf += chunk
+        head, _, self.buf = self.buf.partition(b"\r\n\r\n")
+        self.status = int(head.split()[1]) if head else 0
+
+    def _need(self, n):
+        while len(self.buf) < n:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError("connection closed")
+            self.buf += chunk
+
+    def read_frame(self):
+        """Return ``(opcode, payload)`` of the next frame."""
+        self._need(2)
+        opcode, length = self.buf[0] & 0x0F, self.buf[1] & 0x7F
+        offset = 2
+        if length == 126:
+            self._need(4)
+            length, offset = int.from_bytes(self.buf[2:4], "big"), 4
+        elif length == 127:
+            self._need(10)
+            length, offset = int.from_bytes(self.buf[2:10], "big"), 10
+        self._need(offset + length)
+        payload = self.buf[offset:offset + length]
+        self.buf = self.buf[offset + length:]
+        return opcode, payload
+
+    def send_frame(self, payload: bytes, opcode=0x1):
+        """Send one masked frame (clients must mask)."""
+        mask = os.urandom(4)
+        header = bytes([0x80 | opcode])
+        n = len(payload)
+        if n < 126:
+            header += bytes([0x80 | n])
+        elif n < 65536:
+            header += bytes([0x80 | 126]) + n.to_bytes(2, "big")
+        else:
+            header += bytes([0x80 | 127]) + n.to_bytes(8, "big")
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        self.sock.sendall(header + mask + masked)
+
+    def read_until_closed(self):
+        """Read frames until the server ends the connection; return the opcodes."""
+        opcodes = []
+        try:
+            while True:
+                opcode, _ = self.read_frame()
+                opcodes.append(opcode)
+        except (EOFError, ConnectionResetError):
+            return opcodes
+
+    def close(self):
+        self.sock.close()
