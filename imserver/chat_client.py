@@ -640,7 +640,7 @@ class ChatSession:
         username: str | None = None,
         tz: datetime.tzinfo | None = None,
         ping_interval: float = 25.0,
-        poll_interval: float = 0.5,
+        poll_interval: float = 0.25,
         on_close: Callable[[], None] | None = None,
     ) -> None:
         self.ws = ws
@@ -914,7 +914,10 @@ def _run_action(
         group = api.call(
             "POST", "/api/groups", {"name": args["name"], "members": args["members"]}
         )
-        console.line("created " + format_group(group, me))
+        if isinstance(group, dict):
+            console.line("created " + format_group(group, me))
+        else:
+            console.line(f"created group {sanitize(args['name'])}")
     elif action == "online":
         ids = ",".join(str(i) for i in args["ids"])
         answer = api.call("GET", "/api/presence", query={"ids": ids})
