@@ -1,0 +1,327 @@
+"""Run the real server as a subprocess, and speak to it.
+
+``ServerProcess`` starts ``imserver serve`` (gunicorn, gthread worker) or any
+other command line that serves the app, on a free port of 127.0.0.1, with a
+SQLite file under the test's ``tmp_path`` and the environment the test asks
+for; it returns once ``GET /healthz`` answers 200. Its HTTP and WebSocket
+helpers are those of conftest's ``LiveServer`` (``request``, ``user``,
+``ws_url``; ``User.connect`` gives a conftest ``Client``), so a test speaks
+to a subprocess exactly as to the in-process server.
+
+The server runs in its own session (``start_new_session``), so its process
+group holds gunicorn's arbiter and workers and nothing else: ``kill9`` and
+the last-resort cleanup signal that group, by the id of the process this
+module started, never anything found by name.
+
+``RawWebSocket`` is a hand-made client on a bare TCP socket (handshake and
+frames by hand) for what a library client does not let a test do, such as
+never answering pings.
+
+Not a test module: tests import it as ``procs`` (pytest puts ``tests/`` on
+``sys.path``, as for ``conftest``).
+"""
+
+import base64
+import itertools
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+from conftest import LiveServer
+from conftest import T
+from conftest import User
+
+# Seconds a server gets to answer /healthz after it is started.
+START_TIMEOUT = 6 * T
+
+_starts = itertools.count(1)
+
+
+def free_port() -> int:
+    """Return a TCP port of 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def serve_argv(port: int, *extra: str) -> list:
+    """Return the command line of ``imserver serve`` on ``port``."""
+    return [sys.executable, "-c", "from imserver.cli import main; main()", "serve",
+            "--host", "127.0.0.1", "--port", str(port), "--threads", "200", *extra]
+
+
+def server_env(tmp_path, db_path=None, **extra) -> dict:
+    """Return the environment of a test server: ours, without the caller's IMSERVER_*."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMSERVER_")}
+    env.update({
+        "IMSERVER_DATABASE_URL": "sqlite:///" + str(db_path or tmp_path / "im.sqlite3"),
+        "IMSERVER_SECRET_KEY": "test",
+        "IMSERVER_RATE_LIMIT": "100000",
+        "IMSERVER_RATE_BURST": "100000",
+        "PYTHONUNBUFFERED": "1",
+    })
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def _proc_state(pid: int):
+    """Return ``(state, pgrp)`` of a process from /proc, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # The command name is in parentheses and may hold spaces.
+    fields = stat[stat.rindex(")") + 2:].split()
+    return fields[0], int(fields[2])
+
+
+class ServerProcess(LiveServer):
+    """The server as a subprocess; HTTP and WebSocket helpers of ``LiveServer``.
+
+    ``argv(port)`` builds the command line (``imserver serve`` by default);
+    ``env`` is added to the test environment of ``server_env``. Every start
+    writes its output to its own log file under ``tmp_path``.
+    """
+
+    def __init__(self, tmp_path, env=None, argv=serve_argv, db_path=None, port=None,
+                 start=True):
+        self.app = None
+        self.hub = None
+        self.tmp_path = tmp_path
+        self.argv = argv
+        self.env = server_env(tmp_path, db_path, **(env or {}))
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+        self.log_path = None
+        self._log_file = None
+        if start:
+            self.start()
+
+    # -- life -------------------------------------------------------------------
+
+    def start(self, timeout: float = START_TIMEOUT) -> None:
+        """Start the process; return once /healthz answers 200."""
+        self.log_path = self.tmp_path / f"server-{next(_starts)}-{self.port}.log"
+        self._log_file = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            self.argv(self.port), env=self.env, cwd=str(self.tmp_path),
+            stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT,
+            start_new_session=True)
+        self.pgid = self.proc.pid
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"server exited with {self.proc.returncode} before answering "
+                    f"/healthz:\n{self.log()}")
+            if self._healthy():
+                return
+            if time.monotonic() > deadline:
+                self.kill9()
+                raise AssertionError(f"server did not answer /healthz in {timeout} s:\n"
+                                     f"{self.log()}")
+            time.sleep(0.05)
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + "/healthz", timeout=1) as resp:
+                return resp.status == 200
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
+
+    def get_text(self, path: str) -> tuple:
+        """Return ``(status, text)`` of a GET that does not answer JSON."""
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=T) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def group_pids(self) -> list:
+        """Return the live (not zombie) processes of the server's process group."""
+        pids = []
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                state = _proc_state(int(name))
+                if state is not None and state[1] == self.pgid and state[0] != "Z":
+                    pids.append(int(name))
+        return pids
+
+    def worker_pids(self) -> list:
+        """Return the pids of gunicorn's workers (the group but the arbiter)."""
+        return [pid for pid in self.group_pids() if pid != self.proc.pid]
+
+    def wait_group_gone(self, timeout: float = 2 * T) -> bool:
+        """Wait until no process of the group is alive; return whether it happened."""
+        deadline = time.monotonic() + timeout
+        while self.group_pids():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
+    def terminate(self) -> None:
+        """Send SIGTERM to the process started (gunicorn passes it to its workers)."""
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout: float) -> int | None:
+        """Wait for the process to exit; return its code, or None on timeout."""
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self, timeout: float = 6 * T) -> int | None:
+        """SIGTERM, wait up to ``timeout``, then SIGKILL the group; return the code."""
+        if self.proc is None:
+            return None
+        self.terminate()
+        code = self.wait(timeout)
+        if code is None:
+            self.kill9()
+        else:
+            # The workers are gone before the arbiter exits, unless orphaned.
+            if not self.wait_group_gone():
+                self._signal_group(signal.SIGKILL)
+                self.wait_group_gone()
+        self._close_log()
+        return code
+
+    def kill9(self) -> None:
+        """SIGKILL the arbiter and its workers at once (``kill -9`` of the server)."""
+        if self.proc is None:
+            return
+        self._signal_group(signal.SIGKILL)
+        self.wait(2 * T)
+        self.wait_group_gone()
+        self._close_log()
+
+    def _signal_group(self, signum) -> None:
+        # Only the group of the process this object started.
+        try:
+            os.killpg(self.pgid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def _close_log(self) -> None:
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    def cleanup(self) -> None:
+        """Make sure nothing of this server is left running (test teardown)."""
+        if self.proc is not None and (self.alive() or self.group_pids()):
+            self._signal_group(signal.SIGKILL)
+            self.wait(2 * T)
+        self._close_log()
+
+    def log(self) -> str:
+        """Return what the server printed so far."""
+        if self.log_path is None:
+            return ""
+        if self._log_file is not None:
+            self._log_file.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def adopt(self, user: User) -> User:
+        """Return ``user`` (registered with another server on the same
+        database) speaking to this server, with the same token."""
+        return User(user.id, user.name, user.token, self)
+
+    def restart(self, **kwargs) -> "ServerProcess":
+        """Return a new server on the same database file and environment."""
+        server = ServerProcess(self.tmp_path, argv=self.argv, start=False, **kwargs)
+        server.env = dict(self.env)
+        server.start()
+        return server
+
+
+class RawWebSocket:
+    """A WebSocket client on a bare socket that does only what the test says.
+
+    It never answers pings, never sends a close frame on its own.
+    """
+
+    OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x1, 0x2, 0x8, 0x9, 0xA
+
+    def __init__(self, port: int, token: str, timeout: float = T):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        key = base64.b64encode(os.urandom(16)).decode()
+        request = (f"GET /ws?token={token} HTTP/1.1\r\n"
+                   f"Host: 127.0.0.1:{port}\r\n"
+                   "Upgrade: websocket\r\n"
+                   "Connection: Upgrade\r\n"
+                   f"Sec-WebSocket-Key: {key}\r\n"
+                   "Sec-WebSocket-Version: 13\r\n\r\n")
+        self.sock.sendall(request.encode())
+        self.buf = b""
+        while b"\r\n\r\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError(f"closed during the handshake: {self.buf!r}")
+            self.buf += chunk
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        self.status_line = head.split(b"\r\n", 1)[0].decode()
+        self.status = int(self.status_line.split()[1])
+
+    def _fill(self, n: int) -> bool:
+        """Read until ``n`` bytes are buffered; False on EOF."""
+        while len(self.buf) < n:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                return False
+            self.buf += chunk
+        return True
+
+    def recv_frame(self):
+        """Return ``(opcode, payload)`` of the next frame, or None on EOF.
+
+        Raises ``socket.timeout`` (``TimeoutError``) past the socket timeout.
+        """
+        if not self._fill(2):
+            return None
+        b0, b1 = self.buf[0], self.buf[1]
+        assert not b1 & 0x80, "a server frame must not be masked"
+        length, offset = b1 & 0x7F, 2
+        if length == 126:
+            if not self._fill(4):
+                return None
+            length, offset = struct.unpack("!H", self.buf[2:4])[0], 4
+        elif length == 127:
+            if not self._fill(10):
+                return None
+            length, offset = struct.unpack("!Q", self.buf[2:10])[0], 10
+        if not self._fill(offset + length):
+            return None
+        payload = self.buf[offset:offset + length]
+        self.buf = self.buf[offset + length:]
+        return b0 & 0x0F, payload
+
+    def recv_json(self):
+        """Return the next text frame as JSON (fails on anything else)."""
+        frame = self.recv_frame()
+        assert frame is not None and frame[0] == self.OP_TEXT, frame
+        return json.loads(frame[1])
+
+    def send_frame(self, opcode: int, payload: bytes) -> None:
+        """Send one masked frame (payloads under 126 bytes)."""
+        assert len(payload) < 126
+        mask = os.urandom(4)
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        self.sock.sendall(bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + masked)
+
+    def close(self) -> None:
+        self.sock.close()
