@@ -57,6 +57,11 @@ logger = logging.getLogger(__name__)
 bp = Blueprint("ws", __name__)
 sock = Sock()
 
+# The error codes the contract allows on the socket; any other failure is
+# answered ``internal``.
+SOCKET_CODES = frozenset({"bad_json", "bad_frame", "unknown_type", "not_found",
+                          "forbidden", "body_too_long", "rate_limited", "internal"})
+
 # The WSGI environ keys under which servers hand over the client's socket.
 _SOCKET_KEYS = ("gunicorn.socket", "werkzeug.socket")
 
@@ -202,10 +207,12 @@ def _send(hub, wrapper, user_id: int, frame: Send) -> None:
                 message = future.result().message
                 wrapper.send(encode_sent(frame.cid, message["id"], message["ts"]))
                 hub.metrics.send_latency.observe(time.monotonic() - started)
-            elif isinstance(error, ImError):
+            elif isinstance(error, ImError) and error.code in SOCKET_CODES:
                 wrapper.send(encode_error(error.code, error.message, frame.cid))
             else:
-                wrapper.send(encode_error("internal", "internal error", frame.cid))
+                # The store failed (e.g. the database is unreachable): nothing
+                # was stored; the client may retry with the same cid.
+                wrapper.send(encode_error("internal", "not stored, try again", frame.cid))
         except Exception as exc:
             # The sender's connection is gone; the message is stored anyway.
             logger.debug("answer not sent user_id=%s: %r", user_id, exc)

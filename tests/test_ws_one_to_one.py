@@ -415,3 +415,27 @@ def test_sent_means_committed_to_the_database_file(live_server, tmp_path):
         db.close()
     assert row == ("durable",) and inbox == [(1,)]
     wa.close()
+
+
+def test_store_failure_answers_internal_and_the_connection_stays(live_server, tmp_path):
+    """When the database refuses the write, the sender gets internal and can go on."""
+    alice, bob = live_server.user(), live_server.user()
+    wa = alice.connect()
+    db = sqlite3.connect(str(tmp_path / "im.sqlite3"))
+    try:
+        db.execute("ALTER TABLE inbox RENAME TO inbox_gone")
+        db.commit()
+        wa.send_to(bob.id, "lost?", cid="f1")
+        error = wa.recv_type("error")
+        assert (error["code"], error["cid"]) == ("internal", "f1")
+        assert drain_until_pong(wa) == []
+        db.execute("ALTER TABLE inbox_gone RENAME TO inbox")
+        db.commit()
+    finally:
+        db.close()
+    # Nothing of the failed batch was stored; the retry with the same cid is.
+    assert live_server.hub.store.cursor(bob.id)[1] == 0
+    wa.send_to(bob.id, "lost?", cid="f1")
+    assert wa.recv_type("sent")["cid"] == "f1"
+    assert live_server.hub.store.cursor(bob.id)[1] == 1
+    wa.close()
