@@ -11,6 +11,7 @@ from imserver.auth import issue_token
 from imserver.auth import token_required
 from imserver.auth import verify_password
 from imserver.errors import BadCredentials
+from imserver.errors import Invalid
 from imserver.errors import NotFound
 from imserver.http_util import json_body
 from imserver.hub import current_hub
@@ -32,10 +33,9 @@ def register():
 @bp.post("/tokens")
 def login():
     """Exchange a username and password for a signed token."""
-    data = json_body()
     try:
-        username, password = check_credentials_shape(data)
-    except Exception:
+        username, password = check_credentials_shape(json_body())
+    except Invalid:
         # A malformed login is a failed login: no hint about the rules.
         raise BadCredentials() from None
     row = current_hub().store.find_user(username)

@@ -6,12 +6,15 @@ to it, and presence is asking it. The scale-out mode (several processes on
 Redis) is another broker with the same two methods, so neither the
 WebSocket handler nor the store changes with it.
 
-Imports: stdlib only. The app hands in ``deliver(entries)`` and
-``is_online(user_id)`` callables; this module never imports the
-``ConnManager``.
+Imports: stdlib, and ``redis`` inside ``RedisBroker`` only. The app hands in
+callables (``deliver(entries)``, ``is_online(user_id)``, ...); this module
+never imports the ``ConnManager``.
 """
 
+import json
 import logging
+import threading
+import time
 
 logger = logging.getLogger(__name__)
 
@@ -33,9 +36,298 @@ class LocalBroker:
         """Return ``{user_id: bool}``: who has a live connection."""
         return {user_id: self._is_online(user_id) for user_id in user_ids}
 
+    def register(self, user_id: int, token: str) -> None:
+        """Nothing to record: the ConnManager is the whole truth here."""
+
+    def unregister(self, user_id: int, token: str) -> None:
+        """Nothing to forget beyond the ConnManager."""
+
     def healthy(self) -> bool:
         """Tell whether delivery works (always, within one process)."""
         return True
 
     def close(self) -> None:
         """Release resources (none here)."""
+
+
+class RedisBroker:
+    """Deliver across processes and hosts through Redis pub/sub.
+
+    The Go article's design is single-machine: one process holds the map of
+    connections. With several gunicorn workers (or hosts) user A's socket and
+    user B's socket live in different processes. Each process still keeps
+    its own ``ConnManager`` for its own sockets; this broker adds:
+
+    - **a node channel per process** (``<prefix>node:<node_id>``), which the
+      process subscribes to once. Committed entries for users held
+      elsewhere are published, grouped, to the channel of the node holding
+      each user: one subscription per process instead of one per user, and
+      no subscription churn when users come and go.
+    - **a presence hash** (``<prefix>presence``: user id -> connection
+      token ``node_id/n``) written on connect and removed on disconnect
+      (only if it still names this connection), and a liveness key per node
+      (``<prefix>alive:<node_id>``, refreshed every few seconds, expiring
+      after ``NODE_TTL``), so that users of a killed process read as offline.
+    - **replace across processes**: registering a user whose hash entry
+      names another node sends that node a ``kick``: it closes its
+      connection with 4001 unless it is the one to keep.
+
+    Pub/sub may drop a notification (a reconnect, a Redis restart): the
+    database stays the truth. After the subscriber (re)connects, the app
+    re-registers its users and catches every connection up from the
+    database (``on_reconnect``); a gap in live entries is filled from the
+    database too, so a dropped notification only delays a delivery.
+
+    Redis errors never leave this class: a failed publish is logged and
+    counted, and the entries wait in the inboxes.
+    """
+
+    NODE_TTL = 15  # seconds a node counts as alive after its last refresh
+    REFRESH = 5  # seconds between refreshes of the liveness key
+
+    _REGISTER = """
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return old
+"""
+    _RESTORE = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
+  return ARGV[2]
+end
+return redis.call('HGET', KEYS[1], ARGV[1])
+"""
+    _UNREGISTER = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  return redis.call('HDEL', KEYS[1], ARGV[1])
+end
+return 0
+"""
+
+    def __init__(self, url: str, prefix: str, deliver, is_online, on_kick,
+                 on_reconnect, on_publish_error=None) -> None:
+        import uuid
+
+        import redis
+
+        self._redis_module = redis
+        self.prefix = prefix
+        self.node_id = uuid.uuid4().hex[:16]
+        self.channel = f"{prefix}node:{self.node_id}"
+        self._presence = f"{prefix}presence"
+        self._deliver = deliver
+        self._is_online = is_online
+        self._on_kick = on_kick
+        self._on_reconnect = on_reconnect
+        self._on_publish_error = on_publish_error
+        self._client = redis.Redis.from_url(url, socket_timeout=5,
+                                            socket_connect_timeout=5)
+        self._register_script = self._client.register_script(self._REGISTER)
+        self._unregister_script = self._client.register_script(self._UNREGISTER)
+        self._restore_script = self._client.register_script(self._RESTORE)
+        # Probes for health checks: nonce -> threading.Event, set by the listener.
+        self._probes: dict = {}
+        self._probes_lock = threading.Lock()
+        self._subscribed = threading.Event()
+        self._stop = threading.Event()
+        self._listener = threading.Thread(target=self._listen, name="imserver-redis",
+                                          daemon=True)
+        self._listener.start()
+
+    # -- the delivery seam ---------------------------------------------------
+
+    def publish(self, entries: list) -> None:
+        """Deliver committed entries: here to local users, via Redis to others."""
+        connected = self._deliver(entries)
+        remote = [e for e in entries if e[0] not in connected]
+        if not remote:
+            return
+        try:
+            user_ids = sorted({e[0] for e in remote})
+            nodes = self._client.hmget(self._presence, user_ids)
+            node_of = {u: t.decode().split("/")[0] for u, t in zip(user_ids, nodes) if t}
+            by_node: dict = {}
+            for entry in remote:
+                node = node_of.get(entry[0])
+                if node is not None and node != self.node_id:
+                    by_node.setdefault(node, []).append(list(entry))
+            if by_node:
+                pipe = self._client.pipeline(transaction=False)
+                for node, items in by_node.items():
+                    pipe.publish(f"{self.prefix}node:{node}", json.dumps({"e": items}))
+                pipe.execute()
+        except self._redis_module.RedisError as exc:
+            # The entries are committed: their users get them on the next
+            # catch-up or connection. Delay, never loss.
+            logger.warning("publish failed, entries wait in the inboxes: %s", exc)
+            if self._on_publish_error is not None:
+                self._on_publish_error()
+
+    def online(self, user_ids) -> dict:
+        """Return ``{user_id: bool}`` across every process and host."""
+        result = {u: self._is_online(u) for u in user_ids}
+        others = [u for u in user_ids if not result[u]]
+        if not others:
+            return result
+        try:
+            tokens = self._client.hmget(self._presence, others)
+            nodes = {u: t.decode().split("/")[0] for u, t in zip(others, tokens) if t}
+            distinct = sorted(set(nodes.values()))
+            pipe = self._client.pipeline(transaction=False)
+            for node in distinct:
+                pipe.exists(f"{self.prefix}alive:{node}")
+            alive = dict(zip(distinct, pipe.execute()))
+        except self._redis_module.RedisError as exc:
+            logger.warning("presence lookup failed: %s", exc)
+            return result
+        for user_id, node in nodes.items():
+            result[user_id] = bool(alive.get(node))
+        return result
+
+    def register(self, user_id: int, token: str) -> None:
+        """Record that ``user_id`` is connected here; replace it elsewhere."""
+        try:
+            old = self._register_script(keys=[self._presence], args=[user_id, token])
+        except self._redis_module.RedisError as exc:
+            logger.warning("presence register failed user_id=%s: %s", user_id, exc)
+            return
+        if old:
+            node = old.decode().split("/")[0]
+            if node != self.node_id:
+                self._send_control(node, {"kick": user_id, "keep": token,
+                                          "code": 4001, "reason": "replaced"})
+
+    def restore(self, user_id: int, token: str) -> bool:
+        """Re-record a connection after Redis lost its data; False if replaced.
+
+        Only fills an empty entry: an entry naming another connection means
+        the user connected elsewhere meanwhile, and that one wins.
+        """
+        try:
+            current = self._restore_script(keys=[self._presence], args=[user_id, token])
+        except self._redis_module.RedisError as exc:
+            logger.warning("presence restore failed user_id=%s: %s", user_id, exc)
+            return True
+        return current is None or current.decode() == token
+
+    def unregister(self, user_id: int, token: str) -> None:
+        """Forget ``user_id``'s presence if it still names this connection."""
+        try:
+            self._unregister_script(keys=[self._presence], args=[user_id, token])
+        except self._redis_module.RedisError as exc:
+            logger.warning("presence unregister failed user_id=%s: %s", user_id, exc)
+
+    def kick(self, user_id: int, code: int = 1000, reason: str = "") -> bool:
+        """Close ``user_id``'s connection wherever it is; False if not found."""
+        try:
+            token = self._client.hget(self._presence, user_id)
+        except self._redis_module.RedisError as exc:
+            logger.warning("kick lookup failed user_id=%s: %s", user_id, exc)
+            return False
+        if not token:
+            return False
+        node = token.decode().split("/")[0]
+        message = {"kick": user_id, "keep": None, "code": code, "reason": reason}
+        if node == self.node_id:
+            self._on_kick(user_id, None, code, reason)
+            return True
+        return self._send_control(node, message)
+
+    def healthy(self, timeout: float = 2.0) -> bool:
+        """Tell whether the subscriber really receives: a round trip to ourselves."""
+        import secrets
+
+        if not self._subscribed.is_set():
+            return False
+        nonce = secrets.token_hex(8)
+        event = threading.Event()
+        with self._probes_lock:
+            self._probes[nonce] = event
+        try:
+            if not self._send_control(self.node_id, {"probe": nonce}):
+                return False
+            return event.wait(timeout)
+        finally:
+            with self._probes_lock:
+                self._probes.pop(nonce, None)
+
+    def close(self) -> None:
+        """Stop the listener and forget this node."""
+        self._stop.set()
+        self._listener.join(timeout=5)
+        try:
+            self._client.delete(f"{self.prefix}alive:{self.node_id}")
+        except self._redis_module.RedisError:
+            pass
+        self._client.close()
+
+    # -- internals -------------------------------------------------------------
+
+    def _send_control(self, node: str, message: dict) -> bool:
+        try:
+            self._client.publish(f"{self.prefix}node:{node}", json.dumps(message))
+            return True
+        except self._redis_module.RedisError as exc:
+            logger.warning("control message to node %s failed: %s", node, exc)
+            return False
+
+    def _listen(self) -> None:
+        """Receive this node's channel; reconnect with backoff; never die."""
+        backoff = 0.5
+        while not self._stop.is_set():
+            pubsub = None
+            try:
+                pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(self.channel)
+                self._refresh()
+                self._subscribed.set()
+                logger.info("redis subscriber ready node=%s", self.node_id)
+                # Whatever was published while we were not listening is in
+                # the database: re-register our users and catch them up.
+                self._on_reconnect()
+                backoff = 0.5
+                next_refresh = time.monotonic() + self.REFRESH
+                while not self._stop.is_set():
+                    message = pubsub.get_message(timeout=1.0)
+                    if message is not None and message["type"] == "message":
+                        self._handle(message["data"])
+                    if time.monotonic() >= next_refresh:
+                        self._refresh()
+                        next_refresh = time.monotonic() + self.REFRESH
+            except self._redis_module.RedisError as exc:
+                self._subscribed.clear()
+                logger.warning("redis subscriber lost (%s); retrying in %.1fs", exc,
+                               backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+            except Exception:
+                self._subscribed.clear()
+                logger.exception("redis subscriber failed")
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+            finally:
+                if pubsub is not None:
+                    try:
+                        pubsub.close()
+                    except Exception:
+                        pass
+        self._subscribed.clear()
+
+    def _refresh(self) -> None:
+        self._client.set(f"{self.prefix}alive:{self.node_id}", 1, ex=self.NODE_TTL)
+
+    def _handle(self, data: bytes) -> None:
+        try:
+            message = json.loads(data)
+        except ValueError:
+            logger.warning("ignoring a malformed message on %s", self.channel)
+            return
+        if "e" in message:
+            self._deliver([tuple(e) for e in message["e"]])
+        elif "kick" in message:
+            self._on_kick(message["kick"], message.get("keep"),
+                          message.get("code", 1000), message.get("reason", ""))
+        elif "probe" in message:
+            with self._probes_lock:
+                event = self._probes.get(message["probe"])
+            if event is not None:
+                event.set()

@@ -1,7 +1,8 @@
 """Point the models at the configured database and keep its schema current.
 
 ``DATABASE_URL`` is any peewee database URL (``sqlite:///path``,
-``postgresql://user@host/db``); unset, it is SQLite in the instance folder.
+``postgresql://user@host/db``, pooled automatically); unset, it is SQLite in
+the instance folder.
 SQLite runs in WAL mode with ``synchronous=NORMAL``: a commit is appended to
 the WAL file before ``sent`` is answered, so a ``kill -9`` of the server
 loses nothing acknowledged (only an OS crash or power cut could lose the
@@ -47,10 +48,14 @@ def default_url(instance_path: str) -> str:
 def open_database(url: str) -> peewee.Database:
     """Open a peewee database from a URL, SQLite with our pragmas."""
     if url.startswith("sqlite"):
-        database = db_url.connect(url, pragmas=dict(SQLITE_PRAGMAS), timeout=10)
-    else:
-        database = db_url.connect(url)
-    return database
+        return db_url.connect(url, pragmas=dict(SQLITE_PRAGMAS), timeout=10)
+    scheme, sep, rest = url.partition("://")
+    if scheme in ("postgres", "postgresql"):
+        # A WebSocket thread lives for hours and reads now and then: lend it
+        # a pooled connection per unit of work instead of one per thread.
+        return db_url.connect(f"{scheme}+pool{sep}{rest}", max_connections=32,
+                              stale_timeout=300, timeout=10)
+    return db_url.connect(url)
 
 
 def init_database(url: str) -> peewee.Database:

@@ -31,8 +31,10 @@ class Heartbeat:
     """Ping, reap idle connections and repair gaps, from one thread."""
 
     def __init__(self, conns: ConnManager, ping_interval: float, idle_timeout: float,
-                 on_gap=None, on_idle=None) -> None:
+                 on_gap=None, on_idle=None, on_tick=None) -> None:
         self.conns = conns
+        # Called once a round, for the app's periodic work.
+        self.on_tick = on_tick
         self.ping_interval = ping_interval
         self.idle_timeout = idle_timeout
         self.on_gap = on_gap
@@ -76,6 +78,8 @@ class Heartbeat:
                 self._last_ping[wrapper] = now
             if self.on_gap is not None and wrapper.needs_catch_up(GAP_WAIT):
                 self.on_gap(wrapper)
+        if self.on_tick is not None:
+            self.on_tick()
         if len(self._last_ping) > len(wrappers):
             alive = set(wrappers)
             for wrapper in [w for w in self._last_ping if w not in alive]:

@@ -13,12 +13,15 @@ broker, which writes them to the receivers' connections through the
 ``ConnManager``.
 """
 
+import itertools
 import logging
 import threading
+import time
 
 from flask import current_app
 
 from imserver.broker import LocalBroker
+from imserver.broker import RedisBroker
 from imserver.conn_manager import ConnManager
 from imserver.heartbeat import Heartbeat
 from imserver.metrics import Metrics
@@ -31,6 +34,9 @@ logger = logging.getLogger(__name__)
 
 # Entries read from the database per query while replaying an inbox.
 REPLAY_PAGE = 1000
+# Seconds between sweeps comparing live connections with their inboxes in
+# the database, to repair notifications that Redis dropped.
+SWEEP_INTERVAL = 10.0
 
 
 class Hub:
@@ -45,11 +51,86 @@ class Hub:
                                    on_commit=self._on_commit,
                                    observe=self.metrics.observe_commit)
         self.store = Store(database, self.committer)
-        self.broker = LocalBroker(self.deliver_local, self.conns.is_online)
+        # Connection tokens: "<node>/<n>", unique per connection.
+        self._tokens = itertools.count(1)
+        if config["REDIS_URL"]:
+            # Several processes: deliver across them through Redis.
+            self.broker = RedisBroker(
+                config["REDIS_URL"], config["REDIS_PREFIX"], self.deliver_local,
+                self.conns.is_online, on_kick=self._on_kick,
+                on_reconnect=self._on_broker_reconnect,
+                on_publish_error=self.metrics.publish_failures.inc)
+            self.node_id = self.broker.node_id
+        else:
+            # The Go article's single-machine mode.
+            self.broker = LocalBroker(self.deliver_local, self.conns.is_online)
+            self.node_id = "local"
         self.limiter = RateLimiter(config["RATE_LIMIT"], config["RATE_BURST"])
+        self._next_sweep = time.monotonic() + SWEEP_INTERVAL
         self.heartbeat = Heartbeat(self.conns, config["PING_INTERVAL"],
-                                   config["IDLE_TIMEOUT"], on_gap=self.catch_up)
+                                   config["IDLE_TIMEOUT"], on_gap=self.catch_up_quietly,
+                                   on_tick=self._on_tick)
         self._stopped = threading.Event()
+
+    def new_token(self) -> str:
+        """Return a token naming one connection of this process."""
+        return f"{self.node_id}/{next(self._tokens)}"
+
+    def _on_kick(self, user_id: int, keep: str | None, code: int, reason: str) -> None:
+        """Close this process's connection of ``user_id`` unless it is ``keep``."""
+        wrapper = self.conns._get_wrapper(user_id)
+        if wrapper is not None and (keep is None or wrapper.conn.token != keep):
+            logger.info("closing connection user_id=%s code=%s reason=%s", user_id, code,
+                        reason)
+            self.conns.close_and_delete_conn(user_id, code, reason, expected=wrapper)
+
+    def _on_broker_reconnect(self) -> None:
+        """After the subscriber (re)connects: re-register users, catch them up.
+
+        Runs the catch-up in its own thread so that the subscriber goes back
+        to listening at once.
+        """
+        wrappers = self.conns.wrappers()
+        if not wrappers:
+            return
+        for wrapper in wrappers:
+            if not self.broker.restore(wrapper.user_id, wrapper.conn.token):
+                self._on_kick(wrapper.user_id, None, 4001, "replaced")
+        threading.Thread(target=self._catch_up_all, args=(wrappers,),
+                         name="imserver-catch-up", daemon=True).start()
+
+    def _catch_up_all(self, wrappers) -> None:
+        for wrapper in wrappers:
+            self.catch_up_quietly(wrapper)
+
+    def _on_tick(self) -> None:
+        """Every SWEEP_INTERVAL with Redis: repair deliveries pub/sub dropped."""
+        if not self.config["REDIS_URL"] or time.monotonic() < self._next_sweep:
+            return
+        self._next_sweep = time.monotonic() + SWEEP_INTERVAL
+        self.sweep()
+
+    def sweep(self) -> int:
+        """Catch up every local connection that is behind its inbox; return how many."""
+        wrappers = {w.user_id: w for w in self.conns.wrappers()}
+        behind = 0
+        ids = list(wrappers)
+        for start in range(0, len(ids), 500):
+            for user_id, last_seq in self.store.last_seqs(ids[start:start + 500]):
+                wrapper = wrappers[user_id]
+                if last_seq > wrapper.last_seq and not wrapper.closed:
+                    behind += 1
+                    self.catch_up_quietly(wrapper)
+        if behind:
+            logger.warning("sweep caught up %d connections behind their inbox", behind)
+        return behind
+
+    def catch_up_quietly(self, wrapper) -> None:
+        """Run ``catch_up`` for a background thread: log, never raise."""
+        try:
+            self.catch_up(wrapper)
+        except Exception as exc:
+            logger.info("catch-up failed user_id=%s: %r", wrapper.user_id, exc)
 
     def _on_commit(self, entries: list) -> None:
         """Hand committed entries to the broker (runs in the committer thread)."""
@@ -67,8 +148,9 @@ class Hub:
 
         Used on connect (the replay of everything above the acked cursor) and
         when live entries showed a gap. Returns how many entries were read.
-        Between pages it waits for the client to read what was queued, so a
-        long inbox never grows the outgoing buffer past its bound.
+        Before each entry it waits for the client to read what was queued, so
+        a long inbox never grows the outgoing buffer past its bound (one page
+        of large messages can be far more than ``MAX_OUTBUF_BYTES``).
         """
         total = 0
         conn = wrapper.conn
@@ -77,6 +159,8 @@ class Hub:
             entries = self.store.entries_after(wrapper.user_id, wrapper.last_seq,
                                                REPLAY_PAGE)
             for seq, frame in entries:
+                if not conn.wait_drained(drained_below, self.config["SEND_TIMEOUT"]):
+                    raise ConnectionError("client did not read its replay")
                 wrapper.send_entry(seq, frame)
             total += len(entries)
             if len(entries) < REPLAY_PAGE and (not entries or not wrapper.has_gap()):

@@ -65,7 +65,8 @@ def get_messages():
             raise NotFound(f"no group {group_id}")
         if not member:
             raise Forbidden("you are not a member of this group")
-        messages, has_more = store.history_group(group_id, before, limit)
+        messages, has_more = store.history_group(group_id, before, limit,
+                                                 member=g.user_id)
     return {"messages": messages, "has_more": has_more}
 
 

@@ -40,6 +40,8 @@ class Metrics:
                                    registry=r)
         self.closed = Counter("imserver_connections_closed_total",
                               "Connections closed", registry=r)
+        self.publish_failures = Counter("imserver_redis_publish_failures_total",
+                                        "Publishes to Redis that failed", registry=r)
         self.send_latency = Histogram("imserver_send_to_sent_seconds",
                                       "From a send frame to its sent answer",
                                       buckets=LATENCY_BUCKETS, registry=r)

@@ -128,37 +128,58 @@ class Committer:
         except Exception:
             pass
 
-    def _commit(self, batch: list) -> None:
+    def _commit(self, batch: list, attempts: int = 3) -> None:
+        for attempt in range(1, attempts + 1):
+            try:
+                self._commit_once(batch)
+                return
+            except (peewee.OperationalError, peewee.InternalError) as exc:
+                # A deadlock between processes, a serialization failure or a
+                # lost connection: everything was rolled back, so the batch
+                # can run again as it is.
+                logger.warning("commit attempt %d failed: %r", attempt, exc)
+                try:
+                    self._db.close()
+                except Exception:
+                    pass
+                if attempt == attempts:
+                    self._fail(batch, exc)
+                    return
+                time.sleep(0.05 * attempt)
+            except Exception as exc:
+                self._fail(batch, exc)
+                return
+
+    def _fail(self, batch: list, exc: Exception) -> None:
+        """Refuse every operation of a batch that could not be committed."""
+        logger.error("commit failed, %d operations refused: %r", len(batch), exc)
+        try:
+            self._db.close()
+        except Exception:
+            pass
+        error = Unavailable("the database is unavailable, try again")
+        for _, future in batch:
+            if not future.done():
+                future.set_exception(error)
+
+    def _commit_once(self, batch: list) -> None:
         started = time.monotonic()
         results = []
         deliveries = []
-        try:
-            if self._db.is_closed():
-                self._db.connect()
-            with self._db.atomic(*_write_lock(self._db)):
-                cursor_db = self._db
-                for op, future in batch:
-                    if not future.set_running_or_notify_cancel():
-                        continue
-                    try:
-                        result, delivered = op(cursor_db)
-                    except ImError as exc:
-                        results.append((future, None, exc))
-                        continue
-                    results.append((future, result, None))
-                    if delivered:
-                        deliveries.extend(delivered)
-        except Exception as exc:
-            logger.error("commit failed, %d operations refused: %r", len(batch), exc)
-            try:
-                self._db.close()
-            except Exception:
-                pass
-            error = Unavailable("the database is unavailable, try again")
+        if self._db.is_closed():
+            self._db.connect()
+        with self._db.atomic(*_write_lock(self._db)):
             for op, future in batch:
-                if not future.done():
-                    future.set_exception(error)
-            return
+                if future.cancelled():
+                    continue
+                try:
+                    result, delivered = op(self._db)
+                except ImError as exc:
+                    results.append((future, None, exc))
+                    continue
+                results.append((future, result, None))
+                if delivered:
+                    deliveries.extend(delivered)
         if self._observe is not None:
             self._observe(time.monotonic() - started, len(batch))
         # Store first: only now, after the commit, answer and deliver.
@@ -365,6 +386,16 @@ class Store:
                                 (user_id,)).fetchone()
         return (row[0], row[1]) if row else (0, 0)
 
+    def last_seqs(self, user_ids: list[int]) -> list[tuple[int, int]]:
+        """Return ``(user_id, last_seq)`` for each of ``user_ids``."""
+        if not user_ids:
+            return []
+        placeholders = ", ".join("?" * len(user_ids))
+        with self.db.connection_context():
+            return self._execute(
+                f"SELECT id, last_seq FROM users WHERE id IN ({placeholders})",
+                user_ids).fetchall()
+
     def entries_after(self, user_id: int, after_seq: int, limit: int) -> list:
         """Return up to ``limit`` inbox entries above ``after_seq`` as frames.
 
@@ -393,14 +424,23 @@ class Store:
         return _page(rows, limit)
 
     def history_group(self, group_id: int, before: int | None,
-                      limit: int) -> tuple[list, bool]:
-        """Return the newest messages of a group below ``before``."""
+                      limit: int, member: int | None = None) -> tuple[list, bool]:
+        """Return the newest messages of a group below ``before``.
+
+        With ``member``, only the messages sent since that member joined: a
+        member added later sees nothing from before, as in its inbox.
+        """
         before = before if before is not None else 2**63 - 1
+        since, params = "", (group_id, before, limit + 1)
+        if member is not None:
+            since = (" AND m.ts >= (SELECT joined_at FROM group_members"
+                     " WHERE group_id = ? AND user_id = ?)")
+            params = (group_id, before, group_id, member, limit + 1)
         with self.db.connection_context():
             rows = self._execute(
                 f"SELECT {_MESSAGE_COLUMNS} FROM messages m"
-                " WHERE m.group_id = ? AND m.id < ? ORDER BY m.id DESC LIMIT ?",
-                (group_id, before, limit + 1)).fetchall()
+                f" WHERE m.group_id = ? AND m.id < ?{since} ORDER BY m.id DESC LIMIT ?",
+                params).fetchall()
         return _page(rows, limit)
 
     # -- groups -------------------------------------------------------------

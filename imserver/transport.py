@@ -70,6 +70,8 @@ class BufferedSocket:
         self._drained = threading.Condition(self._lock)
         self.last_recv = time.monotonic()
         self.peer = _peer(sock)
+        # Called once the socket is finally closed (by the reader thread).
+        self.on_close = None
 
     # -- the socket interface ---------------------------------------------
 
@@ -128,6 +130,15 @@ class BufferedSocket:
             self._drained.notify_all()
         self._flusher.forget(self)
         self._close_socket()
+
+    def _close_socket(self) -> None:
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+        on_close, self.on_close = self.on_close, None
+        if on_close is not None:
+            on_close()
 
     # -- what imserver adds -------------------------------------------------
 
@@ -232,12 +243,6 @@ class BufferedSocket:
                 self._sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-
-    def _close_socket(self) -> None:
-        try:
-            self._sock.close()
-        except OSError:
-            pass
 
     def _abort(self, exc: Exception) -> None:
         """Fail the connection: drop the buffer, reset, wake the reader; lock held.

@@ -62,6 +62,9 @@ sock = Sock()
 SOCKET_CODES = frozenset({"bad_json", "bad_frame", "unknown_type", "not_found",
                           "forbidden", "body_too_long", "rate_limited", "internal"})
 
+# Seconds the handler waits for a frame before checking the connection anyway.
+RECEIVE_WAKE = 30.0
+
 # The WSGI environ keys under which servers hand over the client's socket.
 _SOCKET_KEYS = ("gunicorn.socket", "werkzeug.socket")
 
@@ -75,9 +78,15 @@ class Session:
     every frame whole.
     """
 
-    def __init__(self, ws, bsock: BufferedSocket) -> None:
+    def __init__(self, ws, bsock: BufferedSocket, token: str) -> None:
         self.ws = ws
         self.bsock = bsock
+        # Names this connection across processes (presence, replace).
+        self.token = token
+        # simple-websocket's reader can end after the handler last checked
+        # ``connected`` and before it waits again (its 1009 path sets the
+        # event first): wake the handler when the socket is finally closed.
+        bsock.on_close = ws.event.set
 
     def send(self, text: str) -> None:
         """Queue one text frame; raise ``ConnectionClosed`` once closed."""
@@ -135,22 +144,26 @@ def websocket(ws):
     """Serve one user's WebSocket until it closes."""
     hub = current_hub()
     user_id = g.user_id
-    session = Session(ws, g.bsock)
+    session = Session(ws, g.bsock, hub.new_token())
     logger.info("connected user_id=%s peer=%s", user_id, g.bsock.peer)
     # The first frame, before the connection can receive anything else.
     session.send(encode_ready(user_id))
     acked, _ = hub.store.cursor(user_id)
-    wrapper = hub.conns.set_conn(user_id, session, last_seq=acked)
+    wrapper = hub.conns.set_conn(user_id, session, last_seq=acked)  # handle in this worker
+    hub.broker.register(user_id, session.token)  # replace it in other workers
     reason = "closed by client"
     try:
         # Offline: everything above the cursor, then the held live entries.
         hub.catch_up(wrapper)
         max_body = hub.config["MAX_BODY_CHARS"]
         while True:
-            # No timeout needed: a close by another thread (replace, kick,
-            # heartbeat, shutdown) shuts the socket down, which wakes this.
-            text = ws.receive()
+            # A close by another thread (replace, kick, heartbeat, shutdown)
+            # shuts the socket down, which ends the reader, which wakes this;
+            # the timeout is only a safety net.
+            text = ws.receive(timeout=RECEIVE_WAKE)
             if text is None:
+                if not ws.connected:
+                    raise ConnectionClosed(ws.close_reason, ws.close_message)
                 continue
             _handle(hub, wrapper, user_id, text, max_body)
     except ConnectionClosed:
@@ -164,6 +177,7 @@ def websocket(ws):
     finally:
         # Removes this connection only: never the one that replaced it.
         hub.conns.close_and_delete_conn(user_id, expected=wrapper)
+        hub.broker.unregister(user_id, session.token)
         # Let the close frame go out and the socket shut down before the
         # server takes the socket back (werkzeug writes a response on it).
         session.wait_drained(1, hub.config["SEND_TIMEOUT"])

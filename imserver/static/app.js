@@ -395,8 +395,9 @@
       name: null,           // groups: the group's name
       group: null,          // groups: the group object from the server
       unread: 0,
-      lastTs: 0,
-      preview: '',
+      lastTs: 0,            // sorts the list: newest activity first
+      preview: '',          // the conversation's last message (see touchConv)
+      previewTs: 0,         // its time, shown in the list
       messages: new Map(),  // id -> msg
       pending: new Map(),   // cid -> msg (not yet acknowledged by `sent`)
       loaded: false,        // first history page fetched
@@ -497,7 +498,7 @@
       side.className = 'conv-side';
       var time = document.createElement('span');
       time.className = 'conv-time';
-      time.textContent = conv.preview ? fmtTime(conv.lastTs) : '';
+      time.textContent = conv.preview ? fmtTime(conv.previewTs || conv.lastTs) : '';
       var badge = document.createElement('span');
       badge.className = 'unread';
       badge.setAttribute('data-count', String(conv.unread));
@@ -543,13 +544,22 @@
 
   function openConvObj() { return state.openKey ? state.convs.get(state.openKey) : null; }
 
+  // Call after `msg` was added to conv.messages or conv.pending.
   function touchConv(conv, msg) {
-    var ts = msg.ts || Date.now();
-    if (ts >= conv.lastTs || !conv.preview) {
-      conv.lastTs = Math.max(conv.lastTs, ts);
-      var who = conv.kind === 'group' ? (msg.from === state.me.id ? 'you' : userName(msg.from)) + ': ' : (msg.from === state.me.id ? 'you: ' : '');
-      conv.preview = who + preview(msg.body);
-    }
+    conv.lastTs = Math.max(conv.lastTs, msg.ts || Date.now());
+    // The preview is the last message of the conversation as the chat pane
+    // shows it: the newest pending one, else the highest id. Not the latest
+    // `ts` seen: a conversation created "now" by the first of several replayed
+    // (older) messages would keep that first one, as would a client clock
+    // ahead of the server's.
+    var last = null;
+    conv.pending.forEach(function (m) { if (!last || m.local > last.local) last = m; });
+    if (!last) conv.messages.forEach(function (m) { if (!last || m.id > last.id) last = m; });
+    if (!last) last = msg;
+    var mine = last.from === state.me.id;
+    var who = conv.kind === 'group' ? (mine ? 'you' : userName(last.from)) + ': ' : (mine ? 'you: ' : '');
+    conv.preview = who + preview(last.body);
+    conv.previewTs = last.ts || 0;
   }
 
   // ---------------------------------------------------------------- groups
@@ -923,7 +933,7 @@
         }
         var msg = normalizeMsg(m, m.from === state.me.id ? 'sent' : 'received');
         conv.messages.set(m.id, msg);
-        if (!conv.preview || (msg.ts || 0) >= conv.lastTs) touchConv(conv, msg);
+        touchConv(conv, msg);
       });
       if (msgs.length && !conv.preview) touchConv(conv, msgs[msgs.length - 1]);
       renderConvList();
