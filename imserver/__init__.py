@@ -9,6 +9,7 @@ import concurrent.futures
 import logging
 import os
 
+import peewee
 from flask import Flask
 from flask import send_from_directory
 from werkzeug.exceptions import HTTPException
@@ -49,7 +50,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     from imserver import db
 
     url = app.config["DATABASE_URL"] or db.default_url(app.instance_path)
-    database = db.init_database(url)
+    database = db.init_database(url, wait=bool(app.config.get("TESTING")))
 
     # 4. The Hub: ConnManager, the writer, the broker, the heartbeat.
     from imserver.hub import Hub
@@ -86,6 +87,12 @@ def create_app(test_config: dict | None = None) -> Flask:
         code = _HTTP_CODES.get(error.code, "invalid" if error.code < 500 else "internal")
         body = {"error": {"code": code, "message": error.description or error.name}}
         return body, error.code
+
+    @app.errorhandler(peewee.OperationalError)
+    @app.errorhandler(peewee.InterfaceError)
+    def handle_database_down(error):
+        logger.warning("database unavailable: %s", error)
+        return Unavailable("the database is unavailable, try again").to_dict(), 503
 
     @app.errorhandler(concurrent.futures.TimeoutError)
     def handle_timeout(error):

@@ -18,6 +18,7 @@ Imports: peewee, playhouse, ``imserver.models``.
 
 import logging
 import os
+import threading
 import time
 
 import peewee
@@ -58,12 +59,40 @@ def open_database(url: str) -> peewee.Database:
     return db_url.connect(url)
 
 
-def init_database(url: str) -> peewee.Database:
-    """Open the database, bind the models to it and bring the schema up to date."""
+def init_database(url: str, wait: bool = True) -> peewee.Database:
+    """Open the database, bind the models to it and bring the schema up to date.
+
+    With ``wait=False`` an unreachable database does not stop the start: the
+    error is logged, the schema is set up in the background as soon as the
+    database answers, and meanwhile ``/healthz`` answers 503 and every call
+    that needs the database gets 503.
+    """
     database = open_database(url)
     models.database.initialize(database)
-    init_schema(database)
+    try:
+        init_schema(database)
+    except peewee.OperationalError as exc:
+        if wait:
+            raise
+        logger.error("database unreachable at start (%s); retrying in the background",
+                     exc)
+        threading.Thread(target=_init_later, args=(database,), daemon=True,
+                         name="imserver-db-init").start()
     return database
+
+
+def _init_later(database: peewee.Database) -> None:
+    delay = 0.5
+    while True:
+        time.sleep(delay)
+        try:
+            init_schema(database, attempts=1)
+        except peewee.OperationalError as exc:
+            logger.warning("database still unreachable: %s", exc)
+            delay = min(delay * 2, 10.0)
+        else:
+            logger.info("database reachable: schema ready")
+            return
 
 
 def init_schema(database: peewee.Database, attempts: int = 5) -> None:

@@ -263,3 +263,105 @@ class RawClient:
 
     def close(self):
         self.sock.close()
+
+
+# -- services: PostgreSQL and Redis -------------------------------------------------
+
+PG_ADMIN_URL = os.environ.get("IMSERVER_TEST_PG_URL",
+                              "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_TEST_URL = os.environ.get("IMSERVER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def service_missing(name: str, error: Exception):
+    """Skip with the reason, or fail where services are required (CI)."""
+    reason = f"{name} is not reachable ({error.__class__.__name__}: {error})"
+    if os.environ.get("IMSERVER_REQUIRE_SERVICES") == "1":
+        pytest.fail(f"{reason}; IMSERVER_REQUIRE_SERVICES=1 requires it")
+    pytest.skip(f"{reason}; start it or set IMSERVER_TEST_PG_URL / IMSERVER_TEST_REDIS_URL")
+
+
+@pytest.fixture
+def pg_url():
+    """A fresh PostgreSQL database of our own for one test, dropped after it."""
+    try:
+        import psycopg
+
+        admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5)
+    except Exception as exc:
+        service_missing("PostgreSQL", exc)
+    name = "imserver_test_" + os.urandom(6).hex()
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    base, _, _ = PG_ADMIN_URL.rpartition("/")
+    yield f"{base}/{name}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def redis_url():
+    """``(url, prefix)``: the shared Redis with a key prefix of our own, cleaned after."""
+    try:
+        import redis
+
+        client = redis.Redis.from_url(REDIS_TEST_URL, socket_connect_timeout=5)
+        client.ping()
+    except Exception as exc:
+        service_missing("Redis", exc)
+    prefix = "imserver-test-" + os.urandom(6).hex() + ":"
+    yield REDIS_TEST_URL, prefix
+    keys = list(client.scan_iter(match=prefix + "*"))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+class OwnRedis:
+    """A private redis-server on a free port, for tests that stop and restart it."""
+
+    def __init__(self, tmp_path):
+        import shutil
+        import socket
+        import subprocess
+
+        binary = shutil.which("redis-server")
+        if binary is None:
+            service_missing("redis-server", FileNotFoundError("redis-server"))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self._argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1",
+                      "--save", "", "--appendonly", "no", "--dir", str(tmp_path)]
+        self._subprocess = subprocess
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc = None
+        self.start()
+
+    def start(self):
+        import redis
+
+        self.proc = self._subprocess.Popen(self._argv, stdout=self._subprocess.DEVNULL,
+                                           stderr=self._subprocess.DEVNULL)
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=1)
+
+        def answers():
+            try:
+                return client.ping()
+            except redis.RedisError:
+                return False
+
+        wait_until(answers, message="own redis-server up")
+        client.close()
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(T)
+        self.proc = None
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    server = OwnRedis(tmp_path)
+    yield server
+    server.stop()

@@ -325,3 +325,37 @@ class RawWebSocket:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def worker_of(server: "ServerProcess", client) -> int:
+    """Return the pid of the gunicorn worker holding ``client``'s connection.
+
+    Reads the kernel's table of TCP sockets for the server-side socket whose
+    peer is the client's port, then finds which worker has it open.
+    """
+    ws = client.ws if hasattr(client, "ws") else client
+    sock = ws.socket if hasattr(ws, "socket") else ws.sock
+    client_port = sock.getsockname()[1]
+    wanted_local = f"0100007F:{server.port:04X}"
+    wanted_remote = f"0100007F:{client_port:04X}"
+    inode = None
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            if fields[1] == wanted_local and fields[2] == wanted_remote:
+                inode = fields[9]
+                break
+    assert inode is not None, f"no server socket for client port {client_port}"
+    target = f"socket:[{inode}]"
+    for pid in server.worker_pids():
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                        return pid
+                except OSError:
+                    continue
+        except OSError:
+            continue
+    raise AssertionError(f"no worker holds {target}")
