@@ -8,6 +8,7 @@ import atexit
 import concurrent.futures
 import logging
 import os
+import re
 
 import peewee
 from flask import Flask
@@ -26,6 +27,28 @@ _HTTP_CODES = {400: "invalid", 401: "unauthorized", 403: "forbidden",
                429: "rate_limited"}
 
 
+class _RedactTokens(logging.Filter):
+    """Hide ``token=...`` in request lines that servers log (the /ws URL)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.args:
+            record.args = tuple(_TOKEN_RE.sub(r"\1[redacted]", a) if isinstance(a, str)
+                                else a for a in record.args)
+        if isinstance(record.msg, str):
+            record.msg = _TOKEN_RE.sub(r"\1[redacted]", record.msg)
+        return True
+
+
+_TOKEN_RE = re.compile(r"(token=)[^&\s\"]+")
+
+
+def _redact_tokens_in_access_logs() -> None:
+    for name in ("werkzeug", "gunicorn.access"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _RedactTokens) for f in log.filters):
+            log.addFilter(_RedactTokens())
+
+
 def create_app(test_config: dict | None = None) -> Flask:
     """Create and configure an imserver app, and start its threads."""
     app = Flask(__name__, instance_relative_config=True, static_folder="static")
@@ -38,6 +61,16 @@ def create_app(test_config: dict | None = None) -> Flask:
     if test_config is not None:
         app.config.from_mapping(test_config)
     os.makedirs(app.instance_path, exist_ok=True)
+    if app.config["MAX_CONNECTIONS"] is None:
+        app.config["MAX_CONNECTIONS"] = 10_000
+    if app.config["PROXY_COUNT"]:
+        # Behind reverse proxies: take the client's address from
+        # X-Forwarded-For, trusting only as many hops as there are proxies.
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        n = int(app.config["PROXY_COUNT"])
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n)
+    _redact_tokens_in_access_logs()
 
     # 2. The signing key of tokens: configured, or kept in the instance folder.
     if not app.config["SECRET_KEY"]:

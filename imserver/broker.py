@@ -294,9 +294,12 @@ return 0
                         self._refresh()
                         next_refresh = time.monotonic() + self.REFRESH
             except self._redis_module.RedisError as exc:
+                lost = self._subscribed.is_set()
                 self._subscribed.clear()
-                logger.warning("redis subscriber lost (%s); retrying in %.1fs", exc,
-                               backoff)
+                # Say plainly that Redis does not answer, also at start when
+                # there was never a subscription to lose.
+                logger.warning("redis unreachable (%s): subscriber %s, retrying in %.1fs",
+                               exc, "lost" if lost else "not connected", backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
             except Exception:

@@ -47,6 +47,9 @@ def serve(host, port, workers, threads, log_level):
             "Set IMSERVER_REDIS_URL=redis://host:6379/0 or use --workers 1.")
     from gunicorn.app.base import BaseApplication
 
+    # Keep room for HTTP calls among the threads (each WebSocket holds one).
+    os.environ.setdefault("IMSERVER_MAX_CONNECTIONS", str(max(1, threads - 50)))
+
     from imserver import gunicorn_conf
 
     class Server(BaseApplication):

@@ -44,6 +44,21 @@ DEFAULTS = {
     "MAX_CONTENT_LENGTH": 256 * 1024,
     # Messages committed in one transaction at most (group commit).
     "COMMIT_BATCH": 512,
+    # Open WebSockets one process accepts; past it the upgrade is refused
+    # with 503. None: 10,000 (``imserver serve`` sets it from --threads).
+    "MAX_CONNECTIONS": None,
+    # Frames received but not yet handled for one connection, at most; past
+    # it the server stops reading that socket until the handler catches up.
+    "MAX_PENDING_FRAMES": 256,
+    # Registration and login attempts per client address: a second, and the
+    # burst allowed above it (429 past it).
+    "AUTH_RATE_LIMIT": 0.2,
+    "AUTH_RATE_BURST": 10,
+    # Failed logins per username: a minute, and the burst (429 past it).
+    "LOGIN_FAILURES_PER_MINUTE": 5,
+    # Reverse proxies in front that set X-Forwarded-For (0: none, and the
+    # header is ignored so clients cannot forge their address).
+    "PROXY_COUNT": 0,
     # Accept permessage-deflate when a client offers it. Off by default:
     # chat frames are short, and zlib on every frame costs more CPU than it
     # saves bandwidth.

@@ -66,11 +66,28 @@ class Hub:
             self.broker = LocalBroker(self.deliver_local, self.conns.is_online)
             self.node_id = "local"
         self.limiter = RateLimiter(config["RATE_LIMIT"], config["RATE_BURST"])
+        # Registration and login attempts per client address.
+        self.auth_limiter = RateLimiter(config["AUTH_RATE_LIMIT"],
+                                        config["AUTH_RATE_BURST"])
+        # Failed logins per username.
+        self.login_failures = RateLimiter(config["LOGIN_FAILURES_PER_MINUTE"] / 60,
+                                          config["LOGIN_FAILURES_PER_MINUTE"])
         self._next_sweep = time.monotonic() + SWEEP_INTERVAL
         self.heartbeat = Heartbeat(self.conns, config["PING_INTERVAL"],
                                    config["IDLE_TIMEOUT"], on_gap=self.catch_up_quietly,
                                    on_tick=self._on_tick)
         self._stopped = threading.Event()
+        # WebSocket handlers running, including those still replaying.
+        self.open_connections = 0
+        self._open_lock = threading.Lock()
+
+    def connection_opened(self) -> None:
+        with self._open_lock:
+            self.open_connections += 1
+
+    def connection_closed(self) -> None:
+        with self._open_lock:
+            self.open_connections -= 1
 
     def new_token(self) -> str:
         """Return a token naming one connection of this process."""

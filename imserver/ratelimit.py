@@ -25,14 +25,17 @@ class RateLimiter:
         self._lock = threading.Lock()
 
     def allow(self, key, cost: float = 1.0) -> bool:
-        """Take ``cost`` tokens from ``key``'s bucket; False if it has too few."""
+        """Take ``cost`` tokens from ``key``'s bucket; False if it has too few.
+
+        ``cost=0`` only asks whether the bucket has a token left.
+        """
         if self.rate <= 0:
             return True
         now = self._clock()
         with self._lock:
             tokens, then = self._buckets.get(key, (self.burst, now))
             tokens = min(self.burst, tokens + (now - then) * self.rate)
-            allowed = tokens >= cost
+            allowed = tokens >= (cost or 1.0)
             if allowed:
                 tokens -= cost
             if len(self._buckets) >= self._max_keys and key not in self._buckets:

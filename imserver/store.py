@@ -428,19 +428,26 @@ class Store:
         """Return the newest messages of a group below ``before``.
 
         With ``member``, only the messages sent since that member joined: a
-        member added later sees nothing from before, as in its inbox.
+        member added later sees nothing from before, as in its inbox. A
+        message stored in the very millisecond of the join is shown only if
+        it made an inbox entry for the member (or the member sent it).
         """
         before = before if before is not None else 2**63 - 1
-        since, params = "", (group_id, before, limit + 1)
-        if member is not None:
-            since = (" AND m.ts >= (SELECT joined_at FROM group_members"
-                     " WHERE group_id = ? AND user_id = ?)")
-            params = (group_id, before, group_id, member, limit + 1)
+        if member is None:
+            query = (f"SELECT {_MESSAGE_COLUMNS} FROM messages m"
+                     " WHERE m.group_id = ? AND m.id < ? ORDER BY m.id DESC LIMIT ?")
+            params = (group_id, before, limit + 1)
+        else:
+            query = (f"SELECT {_MESSAGE_COLUMNS} FROM messages m"
+                     " JOIN group_members gm ON gm.group_id = m.group_id AND gm.user_id = ?"
+                     " WHERE m.group_id = ? AND m.id < ?"
+                     " AND (m.ts > gm.joined_at OR (m.ts = gm.joined_at"
+                     " AND (m.sender_id = gm.user_id OR EXISTS (SELECT 1 FROM inbox i"
+                     " WHERE i.user_id = gm.user_id AND i.message_id = m.id))))"
+                     " ORDER BY m.id DESC LIMIT ?")
+            params = (member, group_id, before, limit + 1)
         with self.db.connection_context():
-            rows = self._execute(
-                f"SELECT {_MESSAGE_COLUMNS} FROM messages m"
-                f" WHERE m.group_id = ? AND m.id < ?{since} ORDER BY m.id DESC LIMIT ?",
-                params).fetchall()
+            rows = self._execute(query, params).fetchall()
         return _page(rows, limit)
 
     # -- groups -------------------------------------------------------------

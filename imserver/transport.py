@@ -72,6 +72,13 @@ class BufferedSocket:
         self.peer = _peer(sock)
         # Called once the socket is finally closed (by the reader thread).
         self.on_close = None
+        # Backpressure on reading: ``backlog()`` tells how many frames wait
+        # for the handler; past ``max_backlog`` the reader stops reading
+        # (the client's TCP window closes) until ``room`` is set again.
+        self.backlog = None
+        self.max_backlog = 0
+        self.room = threading.Event()
+        self.room.set()
 
     # -- the socket interface ---------------------------------------------
 
@@ -79,7 +86,17 @@ class BufferedSocket:
         return self._sock.fileno()
 
     def recv(self, size: int) -> bytes:
-        """Receive from the client and note the time, for the heartbeat."""
+        """Receive from the client and note the time, for the heartbeat.
+
+        Waits first while the handler has too many frames to handle, so that
+        a client sending faster than it is served cannot grow our memory.
+        """
+        backlog = self.backlog
+        if backlog is not None and backlog() >= self.max_backlog:
+            self.room.clear()
+            # Re-check after clear: the handler may have made room meanwhile.
+            while backlog() >= self.max_backlog and self._error is None:
+                self.room.wait(1.0)
         data = self._sock.recv(size)
         self.last_recv = time.monotonic()
         return data

@@ -41,6 +41,7 @@ from imserver import delivery
 from imserver.auth import authenticate
 from imserver.errors import BadFrame
 from imserver.errors import ImError
+from imserver.errors import Unavailable
 from imserver.hub import current_hub
 from imserver.protocol import PONG
 from imserver.protocol import Ack
@@ -87,6 +88,8 @@ class Session:
         # ``connected`` and before it waits again (its 1009 path sets the
         # event first): wake the handler when the socket is finally closed.
         bsock.on_close = ws.event.set
+        # Stop reading a client that sends faster than it is served.
+        bsock.backlog = ws.input_buffer.__len__
 
     def send(self, text: str) -> None:
         """Queue one text frame; raise ``ConnectionClosed`` once closed."""
@@ -120,9 +123,16 @@ class Session:
 
 @bp.before_request
 def check_token_before_upgrade():
-    """Refuse a bad token with 401 before the upgrade; wrap the socket."""
+    """Refuse a bad token with 401, or a full server with 503, before the upgrade."""
     user_id = authenticate()
     hub = current_hub()
+    if hub.open_connections >= hub.config["MAX_CONNECTIONS"]:
+        logger.warning("refused connection user_id=%s: %d open", user_id,
+                       hub.open_connections)
+        raise Unavailable("too many connections, try again later")
+    # Counted from here until the request ends (teardown below), upgrade or not.
+    hub.connection_opened()
+    g.counted = True
     environ = request.environ
     if not hub.config["WS_COMPRESSION"]:
         # simple-websocket accepts permessage-deflate whenever it is offered;
@@ -133,6 +143,7 @@ def check_token_before_upgrade():
         if raw is not None:
             bsock = BufferedSocket(raw, hub.flusher, hub.config["SEND_TIMEOUT"],
                                    hub.config["MAX_OUTBUF_BYTES"])
+            bsock.max_backlog = hub.config["MAX_PENDING_FRAMES"]
             environ[key] = bsock
             g.bsock = bsock
             break
@@ -142,8 +153,18 @@ def check_token_before_upgrade():
 @sock.route("/ws", bp=bp)
 def websocket(ws):
     """Serve one user's WebSocket until it closes."""
-    hub = current_hub()
-    user_id = g.user_id
+    _serve(current_hub(), ws, g.user_id)
+
+
+@bp.teardown_request
+def uncount_connection(exc):
+    """Release the connection's place, however the request ended."""
+    if g.pop("counted", False):
+        current_hub().connection_closed()
+
+
+def _serve(hub, ws, user_id: int) -> None:
+    """Run one connection: ready, register, replay, then answer frames."""
     session = Session(ws, g.bsock, hub.new_token())
     logger.info("connected user_id=%s peer=%s", user_id, g.bsock.peer)
     # The first frame, before the connection can receive anything else.
@@ -161,6 +182,8 @@ def websocket(ws):
             # shuts the socket down, which ends the reader, which wakes this;
             # the timeout is only a safety net.
             text = ws.receive(timeout=RECEIVE_WAKE)
+            if not session.bsock.room.is_set() and len(ws.input_buffer) < 16:
+                session.bsock.room.set()
             if text is None:
                 if not ws.connected:
                     raise ConnectionClosed(ws.close_reason, ws.close_message)

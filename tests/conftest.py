@@ -47,6 +47,8 @@ def base_config(tmp_path, **overrides) -> dict:
         "DATABASE_URL": "sqlite:///" + str(tmp_path / "im.sqlite3"),
         "RATE_LIMIT": 1000,
         "RATE_BURST": 1000,
+        "AUTH_RATE_LIMIT": 10000,
+        "AUTH_RATE_BURST": 10000,
     }
     config.update(overrides)
     return config

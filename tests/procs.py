@@ -65,6 +65,8 @@ def server_env(tmp_path, db_path=None, **extra) -> dict:
         "IMSERVER_SECRET_KEY": "test",
         "IMSERVER_RATE_LIMIT": "100000",
         "IMSERVER_RATE_BURST": "100000",
+        "IMSERVER_AUTH_RATE_LIMIT": "100000",
+        "IMSERVER_AUTH_RATE_BURST": "100000",
         "PYTHONUNBUFFERED": "1",
     })
     env.update({k: str(v) for k, v in extra.items()})
