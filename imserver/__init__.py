@@ -94,12 +94,14 @@ def create_app(test_config: dict | None = None) -> Flask:
 
     # 5. The views: HTTP blueprints and the WebSocket.
     from imserver import accounts
+    from imserver import admin
     from imserver import groups
     from imserver import messages
     from imserver import ops
     from imserver import ws
 
     app.register_blueprint(accounts.bp)
+    app.register_blueprint(admin.bp)
     app.register_blueprint(groups.bp)
     app.register_blueprint(messages.bp)
     app.register_blueprint(ops.bp)

@@ -13,6 +13,7 @@ never imports the ``ConnManager``.
 
 import json
 import logging
+import os
 import threading
 import time
 
@@ -22,11 +23,13 @@ logger = logging.getLogger(__name__)
 class LocalBroker:
     """Deliver and answer presence within this one process."""
 
-    def __init__(self, deliver, is_online) -> None:
+    def __init__(self, deliver, is_online, count, on_kick) -> None:
         # deliver(entries): write (user_id, seq, frame) entries to local
         # connections; returns the set of user ids that were connected.
         self._deliver = deliver
         self._is_online = is_online
+        self._count = count
+        self._on_kick = on_kick
 
     def publish(self, entries: list) -> None:
         """Deliver committed entries, in commit order, to whoever is online."""
@@ -45,6 +48,17 @@ class LocalBroker:
     def healthy(self) -> bool:
         """Tell whether delivery works (always, within one process)."""
         return True
+
+    def kick(self, user_id: int, code: int = 1000, reason: str = "") -> bool:
+        """Close ``user_id``'s connection; False if it has none."""
+        if not self._is_online(user_id):
+            return False
+        self._on_kick(user_id, None, code, reason)
+        return True
+
+    def stats(self) -> list[dict]:
+        """Return this process's connection count."""
+        return [{"node": "local", "pid": os.getpid(), "connections": self._count()}]
 
     def close(self) -> None:
         """Release resources (none here)."""
@@ -103,7 +117,7 @@ end
 return 0
 """
 
-    def __init__(self, url: str, prefix: str, deliver, is_online, on_kick,
+    def __init__(self, url: str, prefix: str, deliver, is_online, count, on_kick,
                  on_reconnect, on_publish_error=None) -> None:
         import uuid
 
@@ -116,6 +130,8 @@ return 0
         self._presence = f"{prefix}presence"
         self._deliver = deliver
         self._is_online = is_online
+        self._count = count
+        self._stats = f"{prefix}stats"
         self._on_kick = on_kick
         self._on_reconnect = on_reconnect
         self._on_publish_error = on_publish_error
@@ -256,6 +272,7 @@ return 0
         self._listener.join(timeout=5)
         try:
             self._client.delete(f"{self.prefix}alive:{self.node_id}")
+            self._client.hdel(self._stats, self.node_id)
         except self._redis_module.RedisError:
             pass
         self._client.close()
@@ -316,7 +333,33 @@ return 0
         self._subscribed.clear()
 
     def _refresh(self) -> None:
-        self._client.set(f"{self.prefix}alive:{self.node_id}", 1, ex=self.NODE_TTL)
+        pipe = self._client.pipeline(transaction=False)
+        pipe.set(f"{self.prefix}alive:{self.node_id}", 1, ex=self.NODE_TTL)
+        pipe.hset(self._stats, self.node_id, json.dumps(self._own_stats()))
+        pipe.execute()
+
+    def _own_stats(self) -> dict:
+        return {"node": self.node_id, "pid": os.getpid(), "connections": self._count()}
+
+    def stats(self) -> list[dict]:
+        """Return the connection count of every live node (as of its last refresh)."""
+        own = self._own_stats()
+        try:
+            rows = self._client.hgetall(self._stats)
+            nodes = sorted(k.decode() for k in rows)
+            pipe = self._client.pipeline(transaction=False)
+            for node in nodes:
+                pipe.exists(f"{self.prefix}alive:{node}")
+            alive = dict(zip(nodes, pipe.execute()))
+        except self._redis_module.RedisError as exc:
+            logger.warning("stats lookup failed: %s", exc)
+            return [own]
+        result = [own]
+        for key, value in rows.items():
+            node = key.decode()
+            if node != self.node_id and alive.get(node):
+                result.append(json.loads(value))
+        return result
 
     def _handle(self, data: bytes) -> None:
         try:

@@ -49,13 +49,18 @@ def serve(host, port, workers, threads, log_level):
 
     # Keep room for HTTP calls among the threads (each WebSocket holds one).
     os.environ.setdefault("IMSERVER_MAX_CONNECTIONS", str(max(1, threads - 50)))
+    # Metrics of all workers, added up by whichever answers /metrics.
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        import tempfile
+
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="imserver-metrics-")
 
     from imserver import gunicorn_conf
 
     class Server(BaseApplication):
         def load_config(self):
             for name in ("worker_class", "keepalive", "timeout", "graceful_timeout",
-                         "backlog", "post_fork", "post_worker_init"):
+                         "backlog", "post_fork", "post_worker_init", "child_exit"):
                 self.cfg.set(name, getattr(gunicorn_conf, name))
             self.cfg.set("bind", [f"{host}:{port}"])
             self.cfg.set("workers", workers)

@@ -40,6 +40,10 @@ DEFAULTS = {
     # Bytes queued for one connection before it counts as stuck and is closed
     # (bounds the memory one client can make us hold).
     "MAX_OUTBUF_BYTES": 4 * 1024 * 1024,
+    # Kernel send buffer of each WebSocket (SO_SNDBUF). Left alone, Linux
+    # grows it to megabytes: a client that stops reading would hold that
+    # much kernel memory and be noticed late. None: the kernel's choice.
+    "SOCKET_SEND_BUFFER": 256 * 1024,
     # Bytes in an HTTP request body.
     "MAX_CONTENT_LENGTH": 256 * 1024,
     # Messages committed in one transaction at most (group commit).

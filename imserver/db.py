@@ -69,8 +69,12 @@ def init_database(url: str, wait: bool = True) -> peewee.Database:
     """
     database = open_database(url)
     models.database.initialize(database)
+    # Set once the tables are in place: until then the database may answer
+    # and still serve nothing, so /healthz says 503.
+    database.schema_ready = threading.Event()
     try:
         init_schema(database)
+        database.schema_ready.set()
     except peewee.OperationalError as exc:
         if wait:
             raise
@@ -91,6 +95,7 @@ def _init_later(database: peewee.Database) -> None:
             logger.warning("database still unreachable: %s", exc)
             delay = min(delay * 2, 10.0)
         else:
+            database.schema_ready.set()
             logger.info("database reachable: schema ready")
             return
 

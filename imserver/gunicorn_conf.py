@@ -58,6 +58,14 @@ def post_fork(server, worker):
     threading.stack_size(THREAD_STACK_SIZE)
 
 
+def child_exit(server, worker):
+    """Drop a dead worker's live gauges from the shared metrics."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)
+
+
 def post_worker_init(worker):
     """On SIGTERM, close every WebSocket with 1001 before gunicorn's own stop."""
     hub = getattr(worker.wsgi, "extensions", {}).get("imserver")

@@ -13,6 +13,7 @@ broker, which writes them to the receivers' connections through the
 ``ConnManager``.
 """
 
+import concurrent.futures
 import itertools
 import logging
 import threading
@@ -45,8 +46,8 @@ class Hub:
     def __init__(self, config: dict, database) -> None:
         self.config = config
         self.conns = ConnManager()
-        self.metrics = Metrics(self.conns.count)
-        self.flusher = Flusher()
+        self.metrics = Metrics()
+        self.flusher = Flusher(on_slow_receiver=self.metrics.slow_closed.inc)
         self.committer = Committer(database, batch=config["COMMIT_BATCH"],
                                    on_commit=self._on_commit,
                                    observe=self.metrics.observe_commit)
@@ -57,13 +58,14 @@ class Hub:
             # Several processes: deliver across them through Redis.
             self.broker = RedisBroker(
                 config["REDIS_URL"], config["REDIS_PREFIX"], self.deliver_local,
-                self.conns.is_online, on_kick=self._on_kick,
+                self.conns.is_online, self.conns.count, on_kick=self._on_kick,
                 on_reconnect=self._on_broker_reconnect,
                 on_publish_error=self.metrics.publish_failures.inc)
             self.node_id = self.broker.node_id
         else:
             # The Go article's single-machine mode.
-            self.broker = LocalBroker(self.deliver_local, self.conns.is_online)
+            self.broker = LocalBroker(self.deliver_local, self.conns.is_online,
+                                      self.conns.count, self._on_kick)
             self.node_id = "local"
         self.limiter = RateLimiter(config["RATE_LIMIT"], config["RATE_BURST"])
         # Registration and login attempts per client address.
@@ -73,8 +75,16 @@ class Hub:
         self.login_failures = RateLimiter(config["LOGIN_FAILURES_PER_MINUTE"] / 60,
                                           config["LOGIN_FAILURES_PER_MINUTE"])
         self._next_sweep = time.monotonic() + SWEEP_INTERVAL
+        # Catch-ups started by the heartbeat, the sweep or a reconnect run
+        # here, never in the heartbeat thread: one may wait SEND_TIMEOUT for
+        # a slow client, and pings must go on meanwhile.
+        self._catch_up_pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=2, thread_name_prefix="imserver-catch-up")
+        # Wrappers with a catch-up queued or running (no two at once).
+        self._catching_up: set = set()
+        self._catching_lock = threading.Lock()
         self.heartbeat = Heartbeat(self.conns, config["PING_INTERVAL"],
-                                   config["IDLE_TIMEOUT"], on_gap=self.catch_up_quietly,
+                                   config["IDLE_TIMEOUT"], on_gap=self.schedule_catch_up,
                                    on_tick=self._on_tick)
         self._stopped = threading.Event()
         # WebSocket handlers running, including those still replaying.
@@ -84,10 +94,12 @@ class Hub:
     def connection_opened(self) -> None:
         with self._open_lock:
             self.open_connections += 1
+        self.metrics.connections.inc()
 
     def connection_closed(self) -> None:
         with self._open_lock:
             self.open_connections -= 1
+        self.metrics.connections.dec()
 
     def new_token(self) -> str:
         """Return a token naming one connection of this process."""
@@ -113,12 +125,8 @@ class Hub:
         for wrapper in wrappers:
             if not self.broker.restore(wrapper.user_id, wrapper.conn.token):
                 self._on_kick(wrapper.user_id, None, 4001, "replaced")
-        threading.Thread(target=self._catch_up_all, args=(wrappers,),
-                         name="imserver-catch-up", daemon=True).start()
-
-    def _catch_up_all(self, wrappers) -> None:
         for wrapper in wrappers:
-            self.catch_up_quietly(wrapper)
+            self.schedule_catch_up(wrapper)
 
     def _on_tick(self) -> None:
         """Every SWEEP_INTERVAL with Redis: repair deliveries pub/sub dropped."""
@@ -137,17 +145,32 @@ class Hub:
                 wrapper = wrappers[user_id]
                 if last_seq > wrapper.last_seq and not wrapper.closed:
                     behind += 1
-                    self.catch_up_quietly(wrapper)
+                    self.schedule_catch_up(wrapper)
         if behind:
             logger.warning("sweep caught up %d connections behind their inbox", behind)
         return behind
 
-    def catch_up_quietly(self, wrapper) -> None:
-        """Run ``catch_up`` for a background thread: log, never raise."""
+    def schedule_catch_up(self, wrapper) -> None:
+        """Run ``catch_up`` for ``wrapper`` in the background, once at a time."""
+        with self._catching_lock:
+            if wrapper in self._catching_up or self._stopped.is_set():
+                return
+            self._catching_up.add(wrapper)
+        try:
+            self._catch_up_pool.submit(self._catch_up_quietly, wrapper)
+        except RuntimeError:
+            # The pool is shut down: we are stopping.
+            with self._catching_lock:
+                self._catching_up.discard(wrapper)
+
+    def _catch_up_quietly(self, wrapper) -> None:
         try:
             self.catch_up(wrapper)
         except Exception as exc:
             logger.info("catch-up failed user_id=%s: %r", wrapper.user_id, exc)
+        finally:
+            with self._catching_lock:
+                self._catching_up.discard(wrapper)
 
     def _on_commit(self, entries: list) -> None:
         """Hand committed entries to the broker (runs in the committer thread)."""
@@ -199,6 +222,7 @@ class Hub:
         closed = self.conns.close_all(1001, "server shutting down")
         logger.info("shutdown: closed %d connections", closed)
         self.heartbeat.stop()
+        self._catch_up_pool.shutdown(wait=False, cancel_futures=True)
         self.committer.stop()
         self.broker.close()
         self.flusher.stop()

@@ -5,8 +5,15 @@ several apps in one test process do not collide). The names are the
 contract's (``imserver_connections``, ``imserver_messages_total``,
 ``imserver_deliveries_total``) plus a few for operators.
 
+Across gunicorn workers: with ``PROMETHEUS_MULTIPROC_DIR`` set (``imserver
+serve`` sets it), every worker writes its values to files there and any
+worker answering ``/metrics`` adds them all up (prometheus-client's
+multiprocess mode); the connections gauge sums the live workers only.
+
 Imports: stdlib and prometheus_client only.
 """
+
+import os
 
 from prometheus_client import CollectorRegistry
 from prometheus_client import Counter
@@ -20,12 +27,12 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 class Metrics:
     """The process's metrics."""
 
-    def __init__(self, connections_fn) -> None:
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         r = self.registry
         self.connections = Gauge("imserver_connections", "Open WebSocket connections",
-                                 registry=r)
-        self.connections.set_function(connections_fn)
+                                 registry=r, multiprocess_mode="livesum")
         self.messages = Counter("imserver_messages_total", "Messages stored", registry=r)
         self.deliveries = Counter("imserver_deliveries_total",
                                   "Inbox entries written to a live connection", registry=r)
@@ -59,5 +66,11 @@ class Metrics:
         self.commit_batch.observe(ops)
 
     def render(self) -> bytes:
-        """Return the Prometheus text exposition."""
+        """Return the Prometheus text exposition (of every worker, if several)."""
+        if self.multiprocess:
+            from prometheus_client import multiprocess
+
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry)
         return generate_latest(self.registry)

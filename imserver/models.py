@@ -58,6 +58,9 @@ class GroupMember(BaseModel):
     group = peewee.ForeignKeyField(Group, backref="members", on_delete="CASCADE")
     user = peewee.ForeignKeyField(User, backref="memberships")
     joined_at = peewee.BigIntegerField()
+    # The newest message id when the member joined: its group history starts
+    # after it, as its inbox does.
+    since_id = peewee.BigIntegerField(default=0)
 
     class Meta:
         table_name = "group_members"

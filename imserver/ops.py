@@ -21,6 +21,11 @@ def healthz():
     except Exception as exc:
         logger.warning("health check: database unavailable: %s", exc.__class__.__name__)
         return {"status": "unavailable", "database": False}, 503
+    ready = getattr(hub.store.db, "schema_ready", None)
+    if ready is not None and not ready.is_set():
+        # The database answers but the schema is not set up yet (it was
+        # unreachable at start): nothing that needs a table would work.
+        return {"status": "unavailable", "database": False}, 503
     if not hub.broker.healthy():
         return {"status": "unavailable", "broker": False}, 503
     return {"status": "ok"}

@@ -39,6 +39,8 @@ class Ack:
     """``{"type": "ack", "seq"}``: every entry up to ``seq`` is received."""
 
     seq: int
+    # The frame's cid, if it had a valid one: a later refusal echoes it.
+    cid: str | None = None
 
 
 @dataclass(frozen=True)
@@ -125,7 +127,7 @@ def parse_frame(text, max_body_chars: int) -> Frame:
         seq = data.get("seq")
         if type(seq) is not int or not 0 <= seq <= MAX_ID:
             raise _refuse(BadFrame("'seq' must be a non-negative integer"), cid)
-        return Ack(seq)
+        return Ack(seq, cid)
     if kind == "ping":
         return Ping()
     raise _refuse(UnknownType(f"unknown frame type {kind[:32]!r}"), cid)

@@ -17,6 +17,7 @@ Imports: peewee, stdlib, ``imserver.models``, ``imserver.errors``,
 """
 
 import concurrent.futures
+import contextlib
 import logging
 import queue
 import threading
@@ -242,6 +243,20 @@ class Store:
         # Guards _known_users.
         self._known_lock = threading.Lock()
 
+    @contextlib.contextmanager
+    def _reading(self):
+        """Lend this thread a connection; a database failure becomes ``Unavailable``.
+
+        Foreign exceptions are translated once, here, so that no caller (the
+        WebSocket handler least of all) ever sees a peewee error.
+        """
+        try:
+            with self.db.connection_context():
+                yield
+        except (peewee.OperationalError, peewee.InterfaceError) as exc:
+            logger.warning("database read failed: %s", exc)
+            raise Unavailable("the database is unavailable, try again") from exc
+
     def _sql(self, query: str) -> str:
         """Turn ``?`` placeholders into the database's own."""
         param = self.db.param
@@ -273,14 +288,14 @@ class Store:
 
     def find_user(self, username: str):
         """Return ``(id, username, password_hash, is_admin)`` or None."""
-        with self.db.connection_context():
+        with self._reading():
             return self._execute(
                 "SELECT id, username, password_hash, is_admin FROM users"
                 " WHERE username = ?", (username,)).fetchone()
 
     def get_user(self, user_id: int):
         """Return ``{"id", "username", "is_admin"}`` or None."""
-        with self.db.connection_context():
+        with self._reading():
             row = self._execute(
                 "SELECT id, username, is_admin FROM users WHERE id = ?",
                 (user_id,)).fetchone()
@@ -381,7 +396,7 @@ class Store:
 
     def cursor(self, user_id: int) -> tuple[int, int]:
         """Return ``(acked_seq, last_seq)`` of ``user_id``."""
-        with self.db.connection_context():
+        with self._reading():
             row = self._execute("SELECT acked_seq, last_seq FROM users WHERE id = ?",
                                 (user_id,)).fetchone()
         return (row[0], row[1]) if row else (0, 0)
@@ -391,7 +406,7 @@ class Store:
         if not user_ids:
             return []
         placeholders = ", ".join("?" * len(user_ids))
-        with self.db.connection_context():
+        with self._reading():
             return self._execute(
                 f"SELECT id, last_seq FROM users WHERE id IN ({placeholders})",
                 user_ids).fetchall()
@@ -401,7 +416,7 @@ class Store:
 
         Each item is ``(seq, frame)``, in seq order.
         """
-        with self.db.connection_context():
+        with self._reading():
             rows = self._execute(
                 f"SELECT i.seq, {_MESSAGE_COLUMNS} FROM inbox i"
                 " JOIN messages m ON m.id = i.message_id"
@@ -414,7 +429,7 @@ class Store:
                        limit: int) -> tuple[list, bool]:
         """Return the newest messages between two users below ``before``."""
         before = before if before is not None else 2**63 - 1
-        with self.db.connection_context():
+        with self._reading():
             rows = self._execute(
                 f"SELECT {_MESSAGE_COLUMNS} FROM messages m"
                 " WHERE ((m.sender_id = ? AND m.recipient_id = ?)"
@@ -427,26 +442,20 @@ class Store:
                       limit: int, member: int | None = None) -> tuple[list, bool]:
         """Return the newest messages of a group below ``before``.
 
-        With ``member``, only the messages sent since that member joined: a
-        member added later sees nothing from before, as in its inbox. A
-        message stored in the very millisecond of the join is shown only if
-        it made an inbox entry for the member (or the member sent it).
+        With ``member``, only the messages sent after that member joined: a
+        member added later sees nothing from before, as in its inbox.
         """
         before = before if before is not None else 2**63 - 1
-        if member is None:
-            query = (f"SELECT {_MESSAGE_COLUMNS} FROM messages m"
-                     " WHERE m.group_id = ? AND m.id < ? ORDER BY m.id DESC LIMIT ?")
-            params = (group_id, before, limit + 1)
-        else:
-            query = (f"SELECT {_MESSAGE_COLUMNS} FROM messages m"
-                     " JOIN group_members gm ON gm.group_id = m.group_id AND gm.user_id = ?"
-                     " WHERE m.group_id = ? AND m.id < ?"
-                     " AND (m.ts > gm.joined_at OR (m.ts = gm.joined_at"
-                     " AND (m.sender_id = gm.user_id OR EXISTS (SELECT 1 FROM inbox i"
-                     " WHERE i.user_id = gm.user_id AND i.message_id = m.id))))"
-                     " ORDER BY m.id DESC LIMIT ?")
-            params = (member, group_id, before, limit + 1)
-        with self.db.connection_context():
+        query = (f"SELECT {_MESSAGE_COLUMNS} FROM messages m"
+                 " WHERE m.group_id = ? AND m.id < ?")
+        params = [group_id, before]
+        if member is not None:
+            query += (" AND m.id > (SELECT since_id FROM group_members"
+                      " WHERE group_id = ? AND user_id = ?)")
+            params += [group_id, member]
+        query += " ORDER BY m.id DESC LIMIT ?"
+        params.append(limit + 1)
+        with self._reading():
             rows = self._execute(query, params).fetchall()
         return _page(rows, limit)
 
@@ -454,7 +463,7 @@ class Store:
 
     def get_group(self, group_id: int) -> dict | None:
         """Return the contract's group object, or None."""
-        with self.db.connection_context():
+        with self._reading():
             return self._read_group(group_id)
 
     def _read_group(self, group_id: int) -> dict | None:
@@ -469,7 +478,7 @@ class Store:
 
     def groups_of(self, user_id: int) -> list[dict]:
         """Return every group ``user_id`` is a member of, by id."""
-        with self.db.connection_context():
+        with self._reading():
             ids = [r[0] for r in self._execute(
                 "SELECT group_id FROM group_members WHERE user_id = ? ORDER BY group_id",
                 (user_id,))]
@@ -490,10 +499,11 @@ class Store:
             group_id = self._execute(
                 "INSERT INTO groups (name, owner_id, created_at) VALUES (?, ?, ?)"
                 " RETURNING id", (name, owner, ts)).fetchone()[0]
+            since = self._newest_message_id()
             self.db.cursor().executemany(
-                self._sql("INSERT INTO group_members (group_id, user_id, joined_at)"
-                          " VALUES (?, ?, ?)"),
-                [(group_id, user_id, ts) for user_id in wanted])
+                self._sql("INSERT INTO group_members (group_id, user_id, joined_at,"
+                          " since_id) VALUES (?, ?, ?, ?)"),
+                [(group_id, user_id, ts, since) for user_id in wanted])
             return {"id": group_id, "name": name, "owner": owner, "members": wanted}, None
 
         return self.committer.run(op)
@@ -516,17 +526,23 @@ class Store:
                 return None, None
             if len(group["members"]) >= max_members:
                 raise GroupFull(f"a group has at most {max_members} members")
-            self._execute("INSERT INTO group_members (group_id, user_id, joined_at)"
-                          " VALUES (?, ?, ?)", (group_id, user_id, now_ms()))
+            self._execute("INSERT INTO group_members (group_id, user_id, joined_at,"
+                          " since_id) VALUES (?, ?, ?, ?)",
+                          (group_id, user_id, now_ms(), self._newest_message_id()))
             return None, None
 
         self.committer.run(op)
+
+    def _newest_message_id(self) -> int:
+        """Return the highest message id stored so far (in the writer)."""
+        return self._execute("SELECT COALESCE(MAX(id), 0) FROM messages").fetchone()[0]
 
     def remove_member(self, group_id: int, caller: int, user_id: int) -> None:
         """Remove ``user_id``: the owner removes anyone, a member itself.
 
         When the owner leaves, the member with the lowest id becomes the
-        owner; a group left with no member is deleted.
+        owner; a group left with no member stays, with its history, and no
+        one can read or join it again.
         """
 
         def op(db):
@@ -546,16 +562,13 @@ class Store:
                 if rest:
                     self._execute("UPDATE groups SET owner_id = ? WHERE id = ?",
                                   (rest[0], group_id))
-                else:
-                    # Its messages stay (history of the members who left).
-                    pass
             return None, None
 
         self.committer.run(op)
 
     def is_member(self, group_id: int, user_id: int) -> bool | None:
         """Tell whether ``user_id`` is in the group; None if no such group."""
-        with self.db.connection_context():
+        with self._reading():
             if self._execute("SELECT 1 FROM groups WHERE id = ?",
                              (group_id,)).fetchone() is None:
                 return None
@@ -565,7 +578,7 @@ class Store:
 
     def ping(self) -> None:
         """Run a trivial query, for the health check."""
-        with self.db.connection_context():
+        with self._reading():
             self._execute("SELECT 1").fetchone()
 
 

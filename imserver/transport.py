@@ -114,6 +114,7 @@ class BufferedSocket:
                 # Older bytes wait: append after them to keep the order.
                 if len(self._out) + len(data) > self.max_outbuf:
                     self._abort(SlowReceiver("outgoing buffer full"))
+                    self._flusher.slow_receiver(self)
                     raise self._error
                 self._out += data
                 return len(data)
@@ -127,6 +128,7 @@ class BufferedSocket:
             if sent < len(data):
                 if len(data) - sent > self.max_outbuf:
                     self._abort(SlowReceiver("outgoing buffer full"))
+                    self._flusher.slow_receiver(self)
                     raise self._error
                 self._out += memoryview(data)[sent:]
                 self._since = time.monotonic()
@@ -158,6 +160,13 @@ class BufferedSocket:
             on_close()
 
     # -- what imserver adds -------------------------------------------------
+
+    def set_send_buffer(self, size: int) -> None:
+        """Cap the kernel's send buffer, so a stuck client is noticed early."""
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+        except OSError as exc:
+            logger.debug("SO_SNDBUF not set: %r", exc)
 
     def shutdown_after_flush(self) -> None:
         """Shut the connection down once every queued byte is written.
@@ -192,6 +201,11 @@ class BufferedSocket:
                     return False
                 self._drained.wait(remaining)
             return self._error is None
+
+    @property
+    def error(self) -> Exception | None:
+        """Why the connection failed, or None while it works."""
+        return self._error
 
     def queued(self) -> int:
         """Return the number of bytes waiting to be written."""
@@ -235,6 +249,7 @@ class BufferedSocket:
                 logger.warning("slow receiver aborted peer=%s queued=%d", self.peer,
                                len(self._out))
                 self._abort(SlowReceiver("send timeout"))
+                self._flusher.slow_receiver(self)
                 expired = True
             else:
                 expired = self._error is not None
@@ -300,7 +315,9 @@ class Flusher:
     their ``send_timeout`` (slow receivers).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, on_slow_receiver=None) -> None:
+        # Called (from any thread) each time a slow receiver is aborted.
+        self.on_slow_receiver = on_slow_receiver
         self._selector = selectors.DefaultSelector()
         # Guards _watched and _pending (touched by writers and the thread).
         self._lock = threading.Lock()
@@ -325,6 +342,14 @@ class Flusher:
             self._watched.add(bsock)
             self._pending.append(bsock)
         self._wake()
+
+    def slow_receiver(self, bsock: BufferedSocket) -> None:
+        """Count a slow receiver that was aborted."""
+        if self.on_slow_receiver is not None:
+            try:
+                self.on_slow_receiver()
+            except Exception:
+                logger.exception("slow receiver callback failed")
 
     def forget(self, bsock: BufferedSocket) -> None:
         """Stop watching a socket that is being closed."""

@@ -52,6 +52,7 @@ from imserver.protocol import encode_ready
 from imserver.protocol import encode_sent
 from imserver.protocol import parse_frame
 from imserver.transport import BufferedSocket
+from imserver.transport import SlowReceiver
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +145,8 @@ def check_token_before_upgrade():
             bsock = BufferedSocket(raw, hub.flusher, hub.config["SEND_TIMEOUT"],
                                    hub.config["MAX_OUTBUF_BYTES"])
             bsock.max_backlog = hub.config["MAX_PENDING_FRAMES"]
+            if hub.config["SOCKET_SEND_BUFFER"]:
+                bsock.set_send_buffer(hub.config["SOCKET_SEND_BUFFER"])
             environ[key] = bsock
             g.bsock = bsock
             break
@@ -205,7 +208,11 @@ def _serve(hub, ws, user_id: int) -> None:
         # server takes the socket back (werkzeug writes a response on it).
         session.wait_drained(1, hub.config["SEND_TIMEOUT"])
         hub.metrics.closed.inc()
-        logger.info("disconnected user_id=%s reason=%s", user_id, reason)
+        if isinstance(session.bsock.error, SlowReceiver):
+            logger.warning("closed slow receiver user_id=%s reason=%s", user_id,
+                           session.bsock.error)
+        else:
+            logger.info("disconnected user_id=%s reason=%s", user_id, reason)
 
 
 def _handle(hub, wrapper, user_id: int, text, max_body: int) -> None:
@@ -216,14 +223,19 @@ def _handle(hub, wrapper, user_id: int, text, max_body: int) -> None:
             _send(hub, wrapper, user_id, frame)
         elif isinstance(frame, Ack):
             if frame.seq > wrapper.last_seq:
-                raise BadFrame(f"ack of seq {frame.seq} beyond the last entry sent")
+                error = BadFrame(f"ack of seq {frame.seq} beyond the last entry sent")
+                error.cid = frame.cid  # the contract: cid where the frame had one
+                raise error
             hub.store.ack(user_id, frame.seq)
         elif isinstance(frame, Ping):
             wrapper.send(PONG)
     except ImError as error:
-        hub.metrics.refused.labels(error.code).inc()
+        # Only the contract's socket codes go on the wire; anything else (the
+        # database unavailable) is "internal", and the connection stays open.
+        code = error.code if error.code in SOCKET_CODES else "internal"
+        hub.metrics.refused.labels(code).inc()
         logger.info("refused frame user_id=%s code=%s", user_id, error.code)
-        wrapper.send(encode_error(error.code, error.message, getattr(error, "cid", None)))
+        wrapper.send(encode_error(code, error.message, getattr(error, "cid", None)))
 
 
 def _send(hub, wrapper, user_id: int, frame: Send) -> None:

@@ -82,7 +82,9 @@ class LiveServer:
         self.server = make_server("127.0.0.1", 0, app, threaded=True)
         self.port = self.server.server_port
         self.url = f"http://127.0.0.1:{self.port}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        # A short poll interval makes shutdown() (teardown) quick.
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,),
+                                       daemon=True)
         self.thread.start()
 
     def stop(self):
@@ -197,11 +199,16 @@ class RawClient:
     tells it: the silent or broken client real servers meet.
     """
 
-    def __init__(self, port, token, timeout=T):
+    def __init__(self, port, token, timeout=T, rcvbuf=None):
         import base64
         import socket
 
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.sock = socket.socket()
+        self.sock.settimeout(timeout)
+        if rcvbuf:
+            # Before connecting, so that the TCP window never grows past it.
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.connect(("127.0.0.1", port))
         key = base64.b64encode(os.urandom(16)).decode()
         self.sock.sendall(
             (f"GET /ws?token={token} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"

@@ -439,3 +439,22 @@ def test_store_failure_answers_internal_and_the_connection_stays(live_server, tm
     assert wa.recv_type("sent")["cid"] == "f1"
     assert live_server.hub.store.cursor(bob.id)[1] == 1
     wa.close()
+
+
+def test_database_failure_while_checking_a_send_answers_internal(live_server, tmp_path):
+    """A read that fails under a send check gives internal; the connection stays."""
+    alice = live_server.user()
+    wa = alice.connect()
+    db = sqlite3.connect(str(tmp_path / "im.sqlite3"))
+    try:
+        db.execute("ALTER TABLE users RENAME TO users_gone")
+        db.commit()
+        wa.send_to(987_654, "who?", cid="u1")
+        error = wa.recv_type("error")
+        assert (error["code"], error["cid"]) == ("internal", "u1")
+        assert drain_until_pong(wa) == []
+    finally:
+        db.execute("ALTER TABLE users_gone RENAME TO users")
+        db.commit()
+        db.close()
+    wa.close()
