@@ -49,9 +49,14 @@ def _redact_tokens_in_access_logs() -> None:
             log.addFilter(_RedactTokens())
 
 
-def create_app(test_config: dict | None = None) -> Flask:
-    """Create and configure an imserver app, and start its threads."""
-    app = Flask(__name__, instance_relative_config=True, static_folder="static")
+def create_app(test_config: dict | None = None, instance_path: str | None = None) -> Flask:
+    """Create and configure an imserver app, and start its threads.
+
+    ``instance_path`` overrides Flask's instance folder (the SQLite file and
+    the generated secret key live there).
+    """
+    app = Flask(__name__, instance_path=instance_path, instance_relative_config=True,
+                static_folder="static")
 
     # 1. Configuration: the contract's defaults, then IMSERVER_* variables
     #    (values pass through json.loads: IMSERVER_RATE_LIMIT=20 is an int),

@@ -6,6 +6,7 @@ from flask import Blueprint
 from flask import g
 from flask import request
 
+from imserver.auth import USERNAME_RE
 from imserver.auth import check_credentials_shape
 from imserver.auth import hash_password
 from imserver.auth import issue_token
@@ -65,6 +66,28 @@ def login():
         raise BadCredentials()
     token, expires_at = issue_token(row[0])
     return {"token": token, "user_id": row[0], "expires_at": expires_at}
+
+
+@bp.get("/users/<int:user_id>")
+@token_required
+def show_user(user_id):
+    """Show another user's name (the contract names people by id only)."""
+    user = current_hub().store.get_user(user_id)
+    if user is None:
+        raise NotFound(f"no user {user_id}")
+    return {"id": user["id"], "username": user["username"]}
+
+
+@bp.get("/users")
+@token_required
+def find_user():
+    """Find a user by exact username: ``GET /api/users?username=alice``."""
+    username = request.args.get("username", "")
+    row = current_hub().store.find_user(username) if USERNAME_RE.fullmatch(username) \
+        else None
+    if row is None:
+        raise NotFound("no such user")
+    return {"id": row[0], "username": row[1]}
 
 
 @bp.get("/me")

@@ -62,8 +62,8 @@ def config_overrides():
 
 @pytest.fixture
 def app(tmp_path, config_overrides):
-    app = create_app(base_config(tmp_path, **config_overrides))
-    app.instance_path = str(tmp_path / "instance")
+    app = create_app(base_config(tmp_path, **config_overrides),
+                     instance_path=str(tmp_path / "instance"))
     yield app
     app.extensions["imserver"].shutdown()
 

@@ -767,3 +767,18 @@ def test_metrics_count_messages_deliveries_and_connections(make_user, live_serve
         ws.close()
     wait_until(lambda: metric(live_server, "imserver_connections") == 0,
                message="the connection gauge to drop")
+
+
+def test_users_can_be_looked_up_by_id_and_by_name(live_server):
+    """GET /api/users/<id> and ?username= name people; unknown ones are 404."""
+    alice, bob = live_server.user(), live_server.user()
+    assert live_server.request("GET", f"/api/users/{bob.id}", token=alice.token) == (
+        200, {"id": bob.id, "username": bob.name})
+    assert live_server.request("GET", f"/api/users?username={bob.name}",
+                               token=alice.token) == (200, {"id": bob.id, "username": bob.name})
+    for path in ["/api/users/999999", "/api/users?username=nobody",
+                 "/api/users?username=bad%20name", "/api/users"]:
+        status, body = live_server.request("GET", path, token=alice.token)
+        assert (status, body["error"]["code"]) == (404, "not_found"), path
+    status, body = live_server.request("GET", f"/api/users/{bob.id}")
+    assert (status, body["error"]["code"]) == (401, "unauthorized")
