@@ -12,6 +12,8 @@ import re
 
 import peewee
 from flask import Flask
+from flask import g
+from flask import request
 from flask import send_from_directory
 from werkzeug.exceptions import HTTPException
 
@@ -120,6 +122,10 @@ def create_app(test_config: dict | None = None, instance_path: str | None = None
     # 6. Errors: every refusal in the contract's envelope, never HTML.
     @app.errorhandler(ImError)
     def handle_im_error(error: ImError):
+        # Who and why, never the body or the query (a token may be there).
+        logger.info("refused %s %s status=%s code=%s user_id=%s addr=%s",
+                    request.method, request.path, error.status, error.code,
+                    g.get("user_id"), request.remote_addr)
         return error.to_dict(), error.status
 
     @app.errorhandler(HTTPException)

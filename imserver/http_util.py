@@ -12,7 +12,11 @@ from imserver.protocol import MAX_ID
 
 def json_body() -> dict:
     """Return the request's JSON object body, or raise ``Invalid``."""
-    data = request.get_json(force=True, silent=True)
+    try:
+        data = request.get_json(force=True, silent=True)
+    except RecursionError:
+        # ``silent`` covers ValueError only; hostile nesting depth is invalid too.
+        raise Invalid("the body is nested too deeply") from None
     if not isinstance(data, dict):
         raise Invalid("the body must be a JSON object")
     return data
