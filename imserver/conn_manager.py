@@ -105,8 +105,10 @@ class ConnWrapper:
             if seq <= self.last_seq:
                 return
             if seq == self.last_seq + 1:
-                self.conn.send(data)
+                # Moved first: the client may ack this entry before send()
+                # returns, and an ack is checked against last_seq.
                 self.last_seq = seq
+                self.conn.send(data)
                 if self.held:
                     self._flush_held()
                 return
@@ -126,8 +128,8 @@ class ConnWrapper:
             data = held.pop(self.last_seq + 1, None)
             if data is None:
                 break
-            self.conn.send(data)
             self.last_seq += 1
+            self.conn.send(data)
         for seq in [s for s in held if s <= self.last_seq]:
             del held[seq]
         if not held:
@@ -158,7 +160,8 @@ class ConnManager:
         # Guards ``_conns``: held for dict reads and writes only.
         self._lock = threading.Lock()
 
-    def set_conn(self, user_id: int, conn, last_seq: int = 0) -> ConnWrapper:
+    def set_conn(self, user_id: int, conn, last_seq: int = 0,
+                 first_frame: str | None = None) -> ConnWrapper:
         """Register ``conn`` as the live connection of ``user_id``.
 
         Go: ConnManager.SetConn. Go overwrites the entry and leaks the older
@@ -167,8 +170,12 @@ class ConnManager:
         wrapper: the handler writes its own frames through it, so that a
         replaced handler can never write to its successor. ``last_seq`` is
         where inbox entries continue on this connection (the acked cursor).
+        ``first_frame`` is written before the connection is in the map, so
+        no other thread can write anything to the client before it.
         """
         wrapper = ConnWrapper(user_id, conn, last_seq)
+        if first_frame is not None:
+            wrapper.send(first_frame)
         with self._lock:
             old = self._conns.get(user_id)
             self._conns[user_id] = wrapper

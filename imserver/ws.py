@@ -170,11 +170,15 @@ def _serve(hub, ws, user_id: int) -> None:
     """Run one connection: ready, register, replay, then answer frames."""
     session = Session(ws, g.bsock, hub.new_token())
     logger.info("connected user_id=%s peer=%s", user_id, g.bsock.peer)
-    # The first frame, before the connection can receive anything else.
-    session.send(encode_ready(user_id))
     acked, _ = hub.store.cursor(user_id)
-    wrapper = hub.conns.set_conn(user_id, session, last_seq=acked)  # handle in this worker
-    hub.broker.register(user_id, session.token)  # replace it in other workers
+    # Present in other workers first (and replace the user's connection
+    # there); what they publish before the line below is replayed anyway.
+    hub.broker.register(user_id, session.token)
+    # Present here, with ``ready`` written before anything else can be: the
+    # first frame the client gets. A connection of this user here is closed
+    # with 4001 replaced.
+    wrapper = hub.conns.set_conn(user_id, session, last_seq=acked,
+                                 first_frame=encode_ready(user_id))
     reason = "closed by client"
     try:
         # Offline: everything above the cursor, then the held live entries.
