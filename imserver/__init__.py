@@ -59,6 +59,8 @@ def create_app(test_config: dict | None = None, instance_path: str | None = None
     """
     app = Flask(__name__, instance_path=instance_path, instance_relative_config=True,
                 static_folder="static")
+    # "//" in a path is a 404 in the JSON envelope, not an HTML 308 redirect.
+    app.url_map.merge_slashes = False
 
     # 1. Configuration: the contract's defaults, then IMSERVER_* variables
     #    (values pass through json.loads: IMSERVER_RATE_LIMIT=20 is an int),

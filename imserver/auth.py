@@ -111,6 +111,9 @@ def user_id_from_token(token) -> int:
     user_id, expires_at = data.get("u"), data.get("e")
     if type(user_id) is not int or type(expires_at) is not int:
         raise Unauthorized("bad token")
+    if not 0 < user_id <= 2**63 - 1:
+        # Not an id (a 64-bit column): unknown, never a database error.
+        raise Unauthorized("bad token")
     if expires_at <= int(time.time() * 1000):
         raise Unauthorized("token expired")
     return user_id

@@ -15,10 +15,14 @@ from imserver.errors import Invalid
 from imserver.errors import NotFound
 from imserver.http_util import json_body
 from imserver.hub import current_hub
+from imserver.protocol import MAX_ID
 from imserver.protocol import is_id
 from imserver.store import check_name
 
 bp = Blueprint("groups", __name__, url_prefix="/api/groups")
+
+# Ids in paths: past a 64-bit column they are unknown (404), never a database error.
+_ID = f"int(max={MAX_ID})"
 
 
 def _max_members() -> int:
@@ -47,7 +51,7 @@ def list_groups():
     return {"groups": current_hub().store.groups_of(g.user_id)}
 
 
-@bp.get("/<int:group_id>")
+@bp.get(f"/<{_ID}:group_id>")
 @token_required
 def show_group(group_id):
     """Show one group to one of its members."""
@@ -59,7 +63,7 @@ def show_group(group_id):
     return group
 
 
-@bp.post("/<int:group_id>/members")
+@bp.post(f"/<{_ID}:group_id>/members")
 @token_required
 def add_member(group_id):
     """Add a member; the owner only."""
@@ -70,7 +74,7 @@ def add_member(group_id):
     return "", 204
 
 
-@bp.delete("/<int:group_id>/members/<int:user_id>")
+@bp.delete(f"/<{_ID}:group_id>/members/<{_ID}:user_id>")
 @token_required
 def remove_member(group_id, user_id):
     """Remove a member: the owner removes anyone, a member itself."""

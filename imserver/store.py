@@ -38,6 +38,7 @@ from imserver.errors import Unavailable
 from imserver.errors import UsernameTaken
 from imserver.protocol import encode_entry
 from imserver.protocol import encode_message_body
+from imserver.protocol import is_text
 
 logger = logging.getLogger(__name__)
 
@@ -592,6 +593,6 @@ def _page(rows: list, limit: int) -> tuple[list, bool]:
 
 def check_name(name) -> str:
     """Return a valid group name: 1 to 64 characters of text."""
-    if not isinstance(name, str) or not 1 <= len(name.strip()) <= 64:
+    if not isinstance(name, str) or not 1 <= len(name.strip()) <= 64 or not is_text(name):
         raise Invalid("'name' must be a string of 1 to 64 characters")
     return name.strip()

@@ -53,6 +53,7 @@ from imserver.protocol import encode_sent
 from imserver.protocol import parse_frame
 from imserver.transport import BufferedSocket
 from imserver.transport import SlowReceiver
+from imserver.transport import text_frame
 
 logger = logging.getLogger(__name__)
 
@@ -80,9 +81,13 @@ class Session:
     every frame whole.
     """
 
-    def __init__(self, ws, bsock: BufferedSocket, token: str) -> None:
+    def __init__(self, ws, bsock: BufferedSocket, token: str,
+                 extensions: bool = False) -> None:
         self.ws = ws
         self.bsock = bsock
+        # Without extensions (permessage-deflate), frames are built here
+        # directly instead of by wsproto: the same bytes, a fraction of the work.
+        self._frame_directly = not extensions
         # Names this connection across processes (presence, replace).
         self.token = token
         # simple-websocket's reader can end after the handler last checked
@@ -94,7 +99,12 @@ class Session:
 
     def send(self, text: str) -> None:
         """Queue one text frame; raise ``ConnectionClosed`` once closed."""
-        self.ws.send(text)
+        if not self._frame_directly:
+            self.ws.send(text)
+            return
+        if not self.ws.connected:
+            raise ConnectionClosed(self.ws.close_reason, self.ws.close_message)
+        self.bsock.send(text_frame(text.encode()))
 
     def ping(self) -> None:
         """Queue a WebSocket ping; the client's pong counts as activity."""
@@ -168,7 +178,8 @@ def uncount_connection(exc):
 
 def _serve(hub, ws, user_id: int) -> None:
     """Run one connection: ready, register, replay, then answer frames."""
-    session = Session(ws, g.bsock, hub.new_token())
+    session = Session(ws, g.bsock, hub.new_token(),
+                      extensions=bool(hub.config["WS_COMPRESSION"]))
     logger.info("connected user_id=%s peer=%s", user_id, g.bsock.peer)
     acked, _ = hub.store.cursor(user_id)
     # Present in other workers first (and replace the user's connection

@@ -158,11 +158,19 @@ class ChatPage:
         self.expect(self.conn_state).to_have_text("online", timeout=timeout)
         self.expect(self.conn_state).to_have_attribute("data-state", "online", timeout=timeout)
 
-    def open_chat(self, user_id):
-        """Open a one-to-one chat by numeric id with the "New chat" form."""
-        self.by_id("new-chat-id").fill(str(user_id))
+    def open_chat(self, user_id, typed=None):
+        """Open a one-to-one chat with the "New chat" form, typing ``typed``
+        (a username) or else the numeric ``user_id``; wait until it is open."""
+        self.by_id("new-chat-id").fill(str(user_id) if typed is None else typed)
         self.by_id("new-chat-open").click()
         self.expect_open("user", user_id)
+
+    def expect_names(self, kind, conv_id, name):
+        """The list entry and, if open, the chat title show ``name``."""
+        self.expect(self.conversation(kind, conv_id).locator(".conv-name")).to_have_text(
+            name, timeout=WAIT)
+        if "active" in (self.conversation(kind, conv_id).get_attribute("class") or ""):
+            self.expect(self.by_id("chat-title")).to_have_text(name, timeout=WAIT)
 
     def open_conversation(self, kind, conv_id):
         """Click a conversation of the list."""
@@ -175,7 +183,9 @@ class ChatPage:
         self.expect(self.by_id("chat-main")).to_be_visible(timeout=WAIT)
 
     def create_group(self, name, member_ids):
-        """Create a group with the sidebar form; return its id (it opens)."""
+        """Create a group with the sidebar form; return its id (it opens).
+
+        ``member_ids`` are typed as given: ids or usernames."""
         self.by_id("group-name").fill(name)
         self.by_id("group-members").fill(", ".join(str(m) for m in member_ids))
         self.by_id("group-create").click()

@@ -6,7 +6,9 @@ context per user (so each has its own localStorage, as separate browsers
 would) and drives it only through the page: the sign-in form, the "New chat"
 and group forms, the composer. It checks what a person sees, through the
 selectors that ``imserver/static/app.js`` documents for tests, with
-Playwright's auto-waiting expectations; nothing sleeps.
+Playwright's auto-waiting expectations; nothing sleeps. People are shown by
+username: the client looks ids up with ``GET /api/users/<id>`` (cached in
+localStorage) and typed names with ``GET /api/users?username=``.
 
 Chromium is Debian's (``/usr/bin/chromium``) and the driver the
 ``playwright`` package's wheel ships; without them the tests skip, unless
@@ -171,9 +173,11 @@ def test_two_users_chat_both_ways(servers, open_page):
         page.expect_online()
         page.expect(page.by_id("conn-notice")).to_be_hidden()
 
-    # Alice opens a chat with Bob by his numeric id; he is online.
-    alice.open_chat(bob_id)
-    alice.expect(alice.by_id("chat-title")).to_have_text(f"user {bob_id}")
+    # Alice opens a chat with Bob by typing his username; he is online, and
+    # the list and the title name him.
+    alice.open_chat(bob_id, typed="bob")
+    alice.expect_names("user", bob_id, "bob")
+    alice.expect(alice.by_id("chat-subtitle")).to_contain_text(f"user id {bob_id}")
     alice.expect(alice.conversation("user", bob_id).locator(".presence")).to_have_attribute(
         "data-online", "true", timeout=WAIT)
     alice.expect(alice.by_id("chat-subtitle")).to_contain_text("online", timeout=WAIT)
@@ -183,7 +187,10 @@ def test_two_users_chat_both_ways(servers, open_page):
     bob.expect(bob.unread("user", alice_id)).to_have_text("1", timeout=WAIT)
     bob.expect(bob.unread("user", alice_id)).to_have_attribute("data-count", "1")
     bob.expect(bob.conversation("user", alice_id).locator(".conv-preview")).to_have_text("hi bob")
+    # Bob only got her id (in the frame): the client looks up her name.
+    bob.expect_names("user", alice_id, "alice")
     bob.open_conversation("user", alice_id)
+    bob.expect(bob.by_id("chat-title")).to_have_text("alice")
     bob.expect(bob.unread("user", alice_id)).to_be_hidden()
     bob.expect_bodies(["hi bob"])
     received = bob.message("hi bob")
@@ -204,6 +211,17 @@ def test_two_users_chat_both_ways(servers, open_page):
     assert ids_of(alice) == ids_of(bob)
     assert ids_of(alice) == sorted(ids_of(alice))
     assert len(set(ids_of(alice))) == 4
+
+    # A username nobody has: the server's error, the typed text kept, no new
+    # conversation.
+    alice.by_id("new-chat-id").fill("nobody")
+    alice.by_id("new-chat-open").click()
+    alice.expect(alice.error).to_have_attribute("data-code", "not_found", timeout=WAIT)
+    alice.expect(alice.error).to_contain_text("not_found: no such user")
+    alice.expect(alice.by_id("new-chat-id")).to_have_value("nobody")
+    alice.expect(alice.page.locator("#conversations .conversation")).to_have_count(1)
+    alice.expect_open("user", bob_id)
+    alice.by_id("error-close").click()
     for page in (alice, bob):
         page.expect_online()
         page.expect_no_errors()
@@ -225,6 +243,7 @@ def test_offline_messages_arrive_in_order_with_unread_count(servers, open_page, 
     alice.expect_online()
     bob.expect_online()
     alice.open_chat(bob_id)
+    alice.expect_names("user", bob_id, "bob")   # looked up by id, then cached
     alice.send_and_confirm("are you there?")
     bob.expect(bob.unread("user", alice_id)).to_have_text("1", timeout=WAIT)
     bob.open_conversation("user", alice_id)
@@ -242,7 +261,14 @@ def test_offline_messages_arrive_in_order_with_unread_count(servers, open_page, 
         bob.send_and_confirm(text)
     bob.expect_bodies(["are you there?"] + later)
 
+    user_lookups = []   # GET /api/users/<id> of the reopened page's browser
+
+    def record_lookup(request):
+        if re.search(r"/api/users/\d+$", request.url):
+            user_lookups.append(request.url)
+
     if comeback == "reopen":
+        alice_context.on("request", record_lookup)
         back = open_page(server, context=alice_context)   # same localStorage
         back.expect_online()
         back.expect(back.by_id("me")).to_have_attribute("data-user-id", str(alice_id))
@@ -256,6 +282,10 @@ def test_offline_messages_arrive_in_order_with_unread_count(servers, open_page, 
     back.expect(unread).to_have_attribute("data-count", "3")
     back.expect(unread).to_be_visible()
     back.expect(back.conversation("user", bob_id).locator(".conv-preview")).to_have_text("three")
+    back.expect_names("user", bob_id, "bob")
+    if comeback == "reopen":
+        # The name came from this browser's cache: it was not asked again.
+        assert user_lookups == []
     # The replayed entries are acked (Alice's inbox seqs 1..3).
     expect_acked(back, 3)
 
@@ -298,8 +328,11 @@ def test_group_of_three(servers, open_page):
     for page in (alice, bob, carol):
         page.expect_online()
 
-    group_id = alice.create_group("weekend trip", [bob_id, carol_id])
+    # Members typed as a username and as an id; the subtitle names them all.
+    group_id = alice.create_group("weekend trip", ["bob", carol_id])
     alice.expect(alice.by_id("chat-subtitle")).to_contain_text("3 members", timeout=WAIT)
+    alice.expect(alice.by_id("chat-subtitle")).to_contain_text(
+        "alice (owner), bob, carol", timeout=WAIT)
     alice.expect(alice.conversation("group", group_id).locator(".conv-name")).to_have_text(
         "weekend trip")
     alice.send_and_confirm("who brings the tent?")
@@ -315,8 +348,10 @@ def test_group_of_three(servers, open_page):
         msg = page.message("who brings the tent?")
         page.expect(msg).to_have_attribute("data-from", str(alice_id))
         page.expect(msg).to_have_attribute("data-status", "received")
-        page.expect(msg.locator(".sender")).to_have_text(f"user {alice_id}")
+        page.expect(msg.locator(".sender")).to_have_text("alice", timeout=WAIT)
         page.expect(page.by_id("chat-subtitle")).to_contain_text("3 members", timeout=WAIT)
+        page.expect(page.by_id("chat-subtitle")).to_contain_text(
+            "alice (owner), bob, carol", timeout=WAIT)
 
     # A reply from Bob reaches the two others, with the group open.
     bob.send_and_confirm("I do")
@@ -325,6 +360,11 @@ def test_group_of_three(servers, open_page):
         page.expect_bodies(expected)
     for page in (alice, carol):
         page.expect(page.message("I do")).to_have_attribute("data-from", str(bob_id))
+        page.expect(page.message("I do").locator(".sender")).to_have_text("bob", timeout=WAIT)
+    bob.expect(bob.message("I do").locator(".sender")).to_be_hidden()   # his own
+    # The list's preview names the sender too.
+    carol.expect(carol.conversation("group", group_id).locator(".conv-preview")).to_have_text(
+        "bob: I do", timeout=WAIT)
     carol.send_and_confirm("I bring food")
     expected.append("I bring food")
     for page in (alice, bob, carol):
@@ -400,11 +440,11 @@ def _chat_with_a_few_messages(servers, open_page, viewport):
     for page in (alice, bob, carol):
         page.expect_online()
     # A group in Alice's list too, so the list is not a single entry.
-    alice.create_group("weekend trip", [bob_id, carol_id])
+    alice.create_group("weekend trip", ["bob", "carol"])
     alice.send_and_confirm("Tent or cabin this time?")
     if viewport["width"] <= 720:
         alice.by_id("back").click()
-    alice.open_chat(bob_id)
+    alice.open_chat(bob_id, typed="bob")
     lines = [
         (alice, "Hi Bob! Are we still on for Saturday?"),
         (bob, "Yes! 10:00 at the station?"),
@@ -419,6 +459,8 @@ def _chat_with_a_few_messages(servers, open_page, viewport):
     for sender, text in lines[1:]:
         sender.send_and_confirm(text)
     alice.expect_bodies([text for _, text in lines])
+    alice.expect_names("user", bob_id, "bob")
+    bob.expect_names("user", alice_id, "alice")
     return alice, bob, carol
 
 

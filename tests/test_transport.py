@@ -178,3 +178,15 @@ def test_wait_drained_waits_for_the_client_to_read(pair, flusher):
     reader.start()
     assert bsock.wait_drained(1, T) is True
     reader.join(T)
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, 200_000])
+def test_text_frame_matches_wsproto(size):
+    """text_frame builds the same bytes as wsproto for a server text frame."""
+    from wsproto.frame_protocol import FrameProtocol
+
+    from imserver.transport import text_frame
+
+    text = "é" * (size // 2) + "a" * (size % 2)
+    proto = FrameProtocol(client=False, extensions=[])
+    assert text_frame(text.encode()) == proto.send_data(text, fin=True)

@@ -458,3 +458,24 @@ def test_database_failure_while_checking_a_send_answers_internal(live_server, tm
         db.commit()
         db.close()
     wa.close()
+
+
+@pytest.mark.parametrize("config_overrides", [{"WS_COMPRESSION": True}])
+def test_compression_when_enabled_is_negotiated_and_works(live_server):
+    """With WS_COMPRESSION, a client offering permessage-deflate chats compressed."""
+    alice, bob = live_server.user(), live_server.user()
+    wa = alice.connect(compression="deflate")
+    wb = bob.connect(compression="deflate")
+    assert "permessage-deflate" in wb.ws.response.headers.get("Sec-WebSocket-Extensions", "")
+    wa.send_to(bob.id, "squeeze me " * 50)
+    wa.recv_type("sent")
+    assert wb.recv_type("message")["body"] == "squeeze me " * 50
+    wa.close()
+    wb.close()
+
+
+def test_compression_is_not_negotiated_by_default(live_server):
+    """By default the server ignores a client's permessage-deflate offer."""
+    ws = live_server.user().connect(compression="deflate")
+    assert "Sec-WebSocket-Extensions" not in ws.ws.response.headers
+    ws.close()

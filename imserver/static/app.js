@@ -25,11 +25,15 @@
  *                               "replaced" notice (data-reason="replaced" |
  *                               "retrying"); #reconnect reconnects now
  *   #logout                     button
- *   #new-chat-id, #new-chat-open  open a one-to-one chat by numeric user id
- *                               (or a username this browser already knows)
+ *   #new-chat-id, #new-chat-open  open a one-to-one chat by username (looked
+ *                               up with GET /api/users?username=) or numeric
+ *                               user id; digits alone are an id, "@<name>"
+ *                               forces a name; an unknown name shows the
+ *                               server's error (not_found) in #error
  *   #group-name, #group-members, #group-create
- *                               create a group; members = comma-separated ids
- *                               (known usernames work too); opens the new group
+ *                               create a group; members = comma-separated
+ *                               usernames or ids (as #new-chat-id); opens the
+ *                               new group
  *   #conversations .conversation[data-kind][data-id]
  *                               data-kind = "user" | "group"; data-id = the
  *                               user id or group id; class "active" (and
@@ -38,8 +42,11 @@
  *                               data-count; hidden when 0
  *     .presence                 people only: class "online" | "offline" |
  *                               "unknown", attribute data-online="true|false"
- *     .conv-name                display name ("user <id>" unless the name is known)
- *   #chat-title                 title of the open conversation
+ *     .conv-name                display name: the username (groups: the group's
+ *                               name); "user <id>" until the name is known, or
+ *                               if looking it up failed
+ *   #chat-title                 title of the open conversation (a username
+ *                               for people, as .conv-name)
  *   #back                       back to the list (narrow screens: at <= 720 px
  *                               wide only one pane shows, so the sidebar, with
  *                               #new-chat-id and the group form, is hidden while
@@ -50,19 +57,31 @@
  *        [data-cid]             the client id for own messages
  *        [data-status]          "pending" | "sent" | "error" | "received"
  *        [data-from]            sender user id
+ *     .sender                   groups, others' messages: the sender's username
+ *                               ("user <id>" while unknown); hidden otherwise
  *     .body                     the body text (textContent)
  *     .message-error            the error frame's "<code>: <message>"
  *     .retry                    resend a failed message (same cid)
  *   #load-older                 load older history (also happens on scroll-up)
  *   #composer                   textarea: Enter sends, Shift+Enter new line
  *   #send                       send button
- *   #add-member-id, #add-member add a member to the open group (owner only)
+ *   #add-member-id, #add-member add a member (username or id) to the open
+ *                               group (owner only)
  *   #leave-group                leave the open group (click twice to confirm)
  *
  * Storage: localStorage "imserver.token", "imserver.user_id",
  * "imserver.username", "imserver.expires_at"; "imserver.names" (id -> username
- * learnt in this browser); "imserver.convs.<uid>" (people list, unread counts).
+ * learnt in this browser, shared by its tabs and accounts: usernames never
+ * change); "imserver.convs.<uid>" (people list, unread counts).
  * sessionStorage "imserver.open.<uid>" (the open conversation).
+ *
+ * Names: people are shown by username. An id whose name is not cached yet is
+ * shown as "user <id>" at once and looked up in the background with
+ * GET /api/users/<id> (at most NAME_LOOKUPS_MAX at a time, each id once); the
+ * answer re-renders the list, the header and the sender labels. A failed
+ * lookup keeps "user <id>" (404: for this page load; other errors: retried
+ * after NAME_RETRY_MS). Typed names (#new-chat-id, group members) are always
+ * asked of the server (GET /api/users?username=), never taken from the cache.
  *
  * Behaviour notes: own messages are "pending" until `sent` (same cid); pending
  * ones written offline go out after the next `ready`, resent with the same cid
@@ -91,12 +110,16 @@
   var BACKOFF_MAX_MS = 30000;
   var MAX_FRAME_BYTES = 65536;     // server default; a bigger frame would close the socket (1009)
   var CLOSE_REPLACED = 4001;
+  var NAME_LOOKUPS_MAX = 4;        // GET /api/users/<id> requests in flight at once
+  var NAME_RETRY_MS = 30000;       // a lookup that failed (not 404) is retried after this
 
   // -------------------------------------------------------------------- state
   var state = {
     token: null,
     me: null,                      // {id, username}
-    names: {},                     // "id" -> username
+    names: {},                     // "id" -> username (see rememberName)
+    lookups: newLookups(),         // GET /api/users/<id> in progress (see requestName)
+    nameRenderTimer: null,
     convs: new Map(),              // key -> conversation
     openKey: null,
     presence: {},                  // "id" -> bool
@@ -152,10 +175,14 @@
     return unescape(encodeURIComponent(s)).length;
   }
 
+  // The name to show for user `id`: the username if known, else "user <id>"
+  // (and the name is looked up in the background; see requestName).
   function userName(id) {
     if (state.me && id === state.me.id) return state.me.username || ('user ' + id);
     var n = state.names[String(id)];
-    return n ? n : 'user ' + id;
+    if (n) return n;
+    requestName(id);
+    return 'user ' + id;
   }
 
   function fmtTime(ts) {
@@ -323,6 +350,7 @@
     state.openKey = null;
     state.presence = {};
     state.pendingByCid = new Map();
+    state.lookups = newLookups();   // answers still in flight update the cache only
     lsDel(LS_TOKEN);
     lsDel(LS_UID);
     lsDel(LS_UNAME);
@@ -347,17 +375,145 @@
     state.backoffAttempt = 0;
   }
 
+  // ------------------------------------------------------------------ names
+  // The id -> username map stored in localStorage, keeping only well-formed
+  // entries (another tab, or an older version of this page, wrote it).
+  function storedNames() {
+    var out = {};
+    var n;
+    try { n = JSON.parse(lsGet(LS_NAMES) || '{}'); } catch (e) { n = null; }
+    if (!n || typeof n !== 'object' || Array.isArray(n)) return out;
+    Object.keys(n).forEach(function (k) {
+      if (/^[1-9]\d{0,14}$/.test(k) && typeof n[k] === 'string' && n[k]) out[k] = n[k];
+    });
+    return out;
+  }
+
+  // Add what localStorage knows (other tabs learn names too) to state.names;
+  // return whether anything was new.
+  function mergeStoredNames() {
+    var stored = storedNames();
+    var changed = false;
+    Object.keys(stored).forEach(function (k) {
+      if (state.names[k] !== stored[k]) { state.names[k] = stored[k]; changed = true; }
+    });
+    return changed;
+  }
+
   function rememberName(id, username) {
-    if (!isPosInt(id) || !username) return;
-    state.names[String(id)] = username;
+    if (!isPosInt(id) || typeof username !== 'string' || !username) return;
+    var k = String(id);
+    if (state.names[k] === username) return;
+    state.names[k] = username;
+    delete state.lookups.failed[k];
+    mergeStoredNames();
+    state.names[k] = username;
     lsSet(LS_NAMES, JSON.stringify(state.names));
   }
 
   function loadNames() {
-    try {
-      var n = JSON.parse(lsGet(LS_NAMES) || '{}');
-      state.names = n && typeof n === 'object' ? n : {};
-    } catch (e) { state.names = {}; }
+    state.names = {};
+    mergeStoredNames();
+  }
+
+  function newLookups() {
+    return {
+      queue: [],          // ids waiting for a free slot
+      waiting: {},        // "id" -> true while queued or in flight
+      active: 0,          // requests in flight
+      failed: {},         // "id" -> time before which not to ask again (Infinity: 404)
+    };
+  }
+
+  // Look up user `id`'s name in the background, once; the answer re-renders
+  // whatever shows it. Never throws, never reports: "user <id>" stays on failure.
+  function requestName(id) {
+    if (!isPosInt(id) || !state.token) return;
+    var k = String(id);
+    var lk = state.lookups;
+    if (state.names[k] || lk.waiting[k]) return;
+    if (lk.failed[k] && Date.now() < lk.failed[k]) return;
+    lk.waiting[k] = true;
+    lk.queue.push(id);
+    pumpLookups(lk);
+  }
+
+  function pumpLookups(lk) {
+    while (lk === state.lookups && state.token && lk.active < NAME_LOOKUPS_MAX && lk.queue.length) {
+      lookUpId(lk, lk.queue.shift());
+    }
+  }
+
+  function lookUpId(lk, id) {
+    var k = String(id);
+    lk.active += 1;
+    api('GET', '/api/users/' + id).then(function (u) {
+      if (u && u.id === id && typeof u.username === 'string' && u.username) {
+        rememberName(id, u.username);
+        scheduleNameRender();
+      } else {
+        lk.failed[k] = Date.now() + NAME_RETRY_MS;
+      }
+    }, function (err) {
+      // 404: no such user (for this page load). 401 logged out (see api()).
+      if (err && err.status === 404) lk.failed[k] = Infinity;
+      else if (!(err && err.status === 401)) lk.failed[k] = Date.now() + NAME_RETRY_MS;
+    }).then(function () {
+      lk.active -= 1;
+      delete lk.waiting[k];
+      pumpLookups(lk);
+    });
+  }
+
+  // Names arrive one by one: re-render once for a burst of them.
+  function scheduleNameRender() {
+    if (state.nameRenderTimer) return;
+    state.nameRenderTimer = setTimeout(function () {
+      state.nameRenderTimer = null;
+      if (!state.me) return;
+      renderConvList();
+      renderChatHeader();
+      if (openConvObj()) renderMessages('auto');
+    }, 0);
+  }
+
+  // Find a typed username's id (GET /api/users?username=), remembering the
+  // name. Rejects with the server's error, the name appended to its message.
+  function lookUpUsername(name) {
+    return api('GET', '/api/users?username=' + encodeURIComponent(name)).then(function (u) {
+      if (!u || !isPosInt(u.id)) {
+        throw new ApiError('bad_response', 'The server answered an unexpected user', 200);
+      }
+      rememberName(u.id, typeof u.username === 'string' ? u.username : name);
+      return u.id;
+    }, function (err) {
+      if (err instanceof ApiError && err.status !== 401 && err.status !== 0) {
+        var named = new ApiError(err.code, err.message + ': ' + name, err.status);
+        named.handled = err.handled;
+        throw named;
+      }
+      throw err;
+    });
+  }
+
+  // A typed user reference -> Promise of the user id. Digits alone are an id;
+  // anything else is a username ("@name" forces a name, for all-digit names).
+  // Rejects with an ApiError (client_invalid for an empty reference).
+  function resolveUser(text) {
+    var t = String(text).trim();
+    if (!t || t === '@') {
+      return Promise.reject(new ApiError('client_invalid', 'Enter a username or a user id', 0));
+    }
+    if (t.charAt(0) !== '@') {
+      var id = parseId(t);
+      if (id !== null) return Promise.resolve(id);
+      if (/^\d+$/.test(t)) {
+        return Promise.reject(new ApiError('client_invalid', 'Not a user id: ' + t + ' (for a username of digits, type @' + t + ')', 0));
+      }
+    } else {
+      t = t.slice(1);
+    }
+    return lookUpUsername(t);
   }
 
   function renderMe() {
@@ -396,7 +552,9 @@
       group: null,          // groups: the group object from the server
       unread: 0,
       lastTs: 0,            // sorts the list: newest activity first
-      preview: '',          // the conversation's last message (see touchConv)
+      hasPreview: false,    // a last message is known (see touchConv)
+      preview: '',          // the conversation's last message, shortened
+      previewFrom: null,    // its sender's id (the name is looked up when shown)
       previewTs: 0,         // its time, shown in the list
       messages: new Map(),  // id -> msg
       pending: new Map(),   // cid -> msg (not yet acknowledged by `sent`)
@@ -487,7 +645,7 @@
       name.textContent = convTitle(conv);
       var pv = document.createElement('span');
       pv.className = 'conv-preview';
-      pv.textContent = conv.preview || (conv.kind === 'group'
+      pv.textContent = conv.hasPreview ? previewText(conv) : (conv.kind === 'group'
         ? (conv.group ? conv.group.members.length + ' members' : 'group')
         : 'id ' + conv.id);
       main.appendChild(name);
@@ -498,7 +656,7 @@
       side.className = 'conv-side';
       var time = document.createElement('span');
       time.className = 'conv-time';
-      time.textContent = conv.preview ? fmtTime(conv.previewTs || conv.lastTs) : '';
+      time.textContent = conv.hasPreview ? fmtTime(conv.previewTs || conv.lastTs) : '';
       var badge = document.createElement('span');
       badge.className = 'unread';
       badge.setAttribute('data-count', String(conv.unread));
@@ -556,10 +714,17 @@
     conv.pending.forEach(function (m) { if (!last || m.local > last.local) last = m; });
     if (!last) conv.messages.forEach(function (m) { if (!last || m.id > last.id) last = m; });
     if (!last) last = msg;
-    var mine = last.from === state.me.id;
-    var who = conv.kind === 'group' ? (mine ? 'you' : userName(last.from)) + ': ' : (mine ? 'you: ' : '');
-    conv.preview = who + preview(last.body);
+    conv.hasPreview = true;
+    conv.preview = preview(last.body);
+    conv.previewFrom = last.from;
     conv.previewTs = last.ts || 0;
+  }
+
+  // The list's preview line, with the sender's current name in groups.
+  function previewText(conv) {
+    var mine = state.me && conv.previewFrom === state.me.id;
+    var who = conv.kind === 'group' ? (mine ? 'you' : userName(conv.previewFrom)) + ': ' : (mine ? 'you: ' : '');
+    return who + conv.preview;
   }
 
   // ---------------------------------------------------------------- groups
@@ -610,24 +775,22 @@
     ev.preventDefault();
     var name = el.groupName.value.trim();
     var parts = el.groupMembers.value.split(/[\s,;]+/).filter(function (s) { return s !== ''; });
-    var members = [];
-    for (var i = 0; i < parts.length; i++) {
-      var id = resolveUser(parts[i]);
-      if (id === null) {
-        showError('client_invalid', 'Member "' + parts[i] + '" is not a user id (there is no user search; use numeric ids)');
-        return;
-      }
-      if (members.indexOf(id) < 0) members.push(id);
-    }
+    var me = state.me;
     el.groupCreate.disabled = true;
-    api('POST', '/api/groups', { name: name, members: members }).then(function (g) {
-      var conv = applyGroup(g);
-      if (!conv) throw new ApiError('bad_response', 'The server answered an unexpected group', 201);
-      conv.lastTs = Date.now();
-      saveConvs();
-      el.groupName.value = '';
-      el.groupMembers.value = '';
-      openConv(conv.key);
+    // Members are usernames or ids; every name is looked up before anything is created.
+    Promise.all(parts.map(resolveUser)).then(function (ids) {
+      if (state.me !== me) return;   // logged out meanwhile
+      var members = [];
+      ids.forEach(function (id) { if (members.indexOf(id) < 0) members.push(id); });
+      return api('POST', '/api/groups', { name: name, members: members }).then(function (g) {
+        var conv = applyGroup(g);
+        if (!conv) throw new ApiError('bad_response', 'The server answered an unexpected group', 201);
+        conv.lastTs = Date.now();
+        saveConvs();
+        el.groupName.value = '';
+        el.groupMembers.value = '';
+        openConv(conv.key);
+      });
     }).catch(report).then(function () { el.groupCreate.disabled = false; });
   }
 
@@ -635,13 +798,10 @@
     ev.preventDefault();
     var conv = openConvObj();
     if (!conv || conv.kind !== 'group') return;
-    var id = resolveUser(el.addMemberId.value);
-    if (id === null) {
-      showError('client_invalid', 'Enter a numeric user id to add');
-      return;
-    }
     el.addMember.disabled = true;
-    api('POST', '/api/groups/' + conv.id + '/members', { user_id: id }).then(function () {
+    resolveUser(el.addMemberId.value).then(function (id) {
+      return api('POST', '/api/groups/' + conv.id + '/members', { user_id: id });
+    }).then(function () {
       el.addMemberId.value = '';
       return refreshGroup(conv.id);
     }).catch(report).then(function () { el.addMember.disabled = false; });
@@ -670,42 +830,29 @@
   }
 
   // ---------------------------------------------------------------- new chat
-  function resolveUser(text) {
-    var t = String(text).trim();
-    var id = parseId(t);
-    if (id !== null) return id;
-    if (!t) return null;
-    if (state.me && t === state.me.username) return state.me.id;
-    var keys = Object.keys(state.names);
-    var i;
-    for (i = 0; i < keys.length; i++) if (state.names[keys[i]] === t) return Number(keys[i]);
-    for (i = 0; i < keys.length; i++) if (String(state.names[keys[i]]).toLowerCase() === t.toLowerCase()) return Number(keys[i]);
-    return null;
-  }
-
   function onNewChat(ev) {
     ev.preventDefault();
     var text = el.newChatId.value.trim();
     if (!text) {
-      showError('client_invalid', 'Enter a user id');
+      showError('client_invalid', 'Enter a username or a user id');
       return;
     }
-    var id = resolveUser(text);
-    if (id === null) {
-      showError('client_invalid', 'Unknown username "' + text + '": there is no user search, enter the numeric user id');
-      return;
-    }
-    if (id === state.me.id) {
-      showError('client_invalid', 'That is you: messages to oneself are not allowed');
-      return;
-    }
-    var existed = state.convs.has(convKey('user', id));
-    var conv = ensureConv('user', id);
-    if (!existed) conv.lastTs = Date.now();
-    saveConvs();
-    el.newChatId.value = '';
-    openConv(conv.key);
-    refreshPresence();
+    var me = state.me;
+    el.newChatOpen.disabled = true;
+    resolveUser(text).then(function (id) {
+      if (state.me !== me) return;   // logged out meanwhile
+      if (id === me.id) {
+        showError('client_invalid', 'That is you: messages to oneself are not allowed');
+        return;
+      }
+      var existed = state.convs.has(convKey('user', id));
+      var conv = ensureConv('user', id);
+      if (!existed) conv.lastTs = Date.now();
+      saveConvs();
+      if (el.newChatId.value.trim() === text) el.newChatId.value = '';
+      openConv(conv.key);
+      refreshPresence();
+    }).catch(report).then(function () { el.newChatOpen.disabled = false; });
   }
 
   // ---------------------------------------------------------------- presence
@@ -761,7 +908,7 @@
       }
       el.groupAdmin.hidden = false;
       var isOwner = g && g.owner === state.me.id;
-      el.addMemberId.placeholder = isOwner ? 'user id to add' : 'user id to add (owner only)';
+      el.addMemberId.placeholder = isOwner ? 'username or id to add' : 'username or id to add (owner only)';
     }
   }
 
@@ -935,7 +1082,7 @@
         conv.messages.set(m.id, msg);
         touchConv(conv, msg);
       });
-      if (msgs.length && !conv.preview) touchConv(conv, msgs[msgs.length - 1]);
+      if (msgs.length && !conv.hasPreview) touchConv(conv, msgs[msgs.length - 1]);
       renderConvList();
       if (openConvObj() === conv) renderMessages(wasLoaded ? 'keep' : 'bottom');
     }, function (err) {
@@ -1326,7 +1473,7 @@
     [
       'error', 'error-text', 'error-close', 'auth-view', 'auth-form', 'username', 'password',
       'login', 'register', 'app-view', 'me', 'conn-state', 'conn-dot', 'logout', 'conn-notice',
-      'conn-notice-text', 'reconnect', 'layout', 'new-chat-form', 'new-chat-id', 'group-box',
+      'conn-notice-text', 'reconnect', 'layout', 'new-chat-form', 'new-chat-id', 'new-chat-open', 'group-box',
       'group-form', 'group-name', 'group-members', 'group-create', 'conversations',
       'no-conversations', 'chat-empty', 'chat-main', 'back', 'chat-presence', 'chat-title',
       'chat-subtitle', 'group-admin', 'add-member-id', 'add-member', 'leave-group', 'messages',
@@ -1381,6 +1528,8 @@
     // Logged out in another tab: follow.
     window.addEventListener('storage', function (ev) {
       if (ev.key === LS_TOKEN && ev.newValue === null && state.token) logout();
+      // Names another tab learnt.
+      if (ev.key === LS_NAMES && mergeStoredNames()) scheduleNameRender();
     });
   }
 
