@@ -516,11 +516,7 @@ class Store:
             raise NotFound(f"no user {user_id}")
 
         def op(db):
-            group = self._read_group(group_id)
-            if group is None:
-                raise NotFound(f"no group {group_id}")
-            if caller not in group["members"]:
-                raise Forbidden("you are not a member of this group")
+            group = self._group_of_member(group_id, caller)
             if group["owner"] != caller:
                 raise Forbidden("only the owner adds members")
             if user_id in group["members"]:
@@ -533,6 +529,15 @@ class Store:
             return None, None
 
         self.committer.run(op)
+
+    def _group_of_member(self, group_id: int, caller: int) -> dict:
+        """Return the group if ``caller`` is a member, else raise 404 or 403."""
+        group = self._read_group(group_id)
+        if group is None:
+            raise NotFound(f"no group {group_id}")
+        if caller not in group["members"]:
+            raise Forbidden("you are not a member of this group")
+        return group
 
     def _newest_message_id(self) -> int:
         """Return the highest message id stored so far (in the writer)."""
@@ -547,11 +552,7 @@ class Store:
         """
 
         def op(db):
-            group = self._read_group(group_id)
-            if group is None:
-                raise NotFound(f"no group {group_id}")
-            if caller not in group["members"]:
-                raise Forbidden("you are not a member of this group")
+            group = self._group_of_member(group_id, caller)
             if caller != user_id and caller != group["owner"]:
                 raise Forbidden("only the owner removes other members")
             if user_id not in group["members"]:
