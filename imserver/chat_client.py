@@ -1,16 +1,21 @@
 """Chat with an imserver from a terminal: the `imserver chat` command.
 
-The client speaks only the public contract (docs: protocol v1): it logs in with
+The client speaks the public contract (docs: protocol v1): it logs in with
 POST /api/tokens, opens `/ws?token=...`, sends `send` frames with a fresh `cid`,
 prints `message` frames as they arrive and acks them cumulatively, and uses the
-HTTP API for history, groups and presence.
+HTTP API for history, groups and presence. Beyond the contract it names people:
+`UserDirectory` turns typed usernames into ids (GET /api/users?username=) and
+ids into usernames for display (GET /api/users/<id>), caching both ways; a
+server without those endpoints still works by id.
 
 It is built in three layers so that most of it is testable without a network:
 
 - pure functions: `parse_command` turns a typed line into an action, the
   `format_*` functions turn frames and API answers into lines of text, and
-  `InboxTracker` decides what to print and what to ack;
-- `Api` (urllib only) and `ChatSession` (one WebSocket, a reader thread);
+  `InboxTracker` decides what to print and what to ack; names come in as
+  injected lookups (a dict, or a callable such as `UserDirectory.id_for`);
+- `Api` (urllib only), `UserDirectory` (the name cache over `Api`) and
+  `ChatSession` (one WebSocket, a reader thread);
 - `run_chat`, the interactive loop over injected streams, and `chat_command`,
   the click front end.
 
@@ -22,6 +27,7 @@ import collections
 import datetime
 import json
 import logging
+import math
 import queue
 import re
 import shlex
@@ -56,32 +62,38 @@ EXIT_REPLACED = 0
 CLOSE_REPLACED = 4001
 
 HELP = """\
-commands:
-  /to <id> <text>           send <text> to user <id>; /to <id> alone selects them
-  /group <gid> <text>       send <text> to group <gid>; /group <gid> alone selects it
-  <text>                    send to the last /to or /group target (//text sends /text)
-  /history <id>             last 20 messages with user <id>
-  /history g<gid>           last 20 messages of group <gid>
-  /groups                   list your groups
-  /newgroup <name> <id,id>  create a group with those members (quote a name with spaces)
-  /online <id,id>           who of those users is online
-  /help                     this text
-  /quit                     leave (also Ctrl-D)"""
+commands (<user>: a username or a numeric user id; @<name> forces a name, as @42):
+  /to <user> <text>           send <text> to that user; /to <user> alone selects them
+  /group <gid> <text>         send <text> to group <gid>; /group <gid> alone selects it
+  <text>                      send to the last /to or /group target (//text sends /text)
+  /history <user>             last 20 messages with that user
+  /history g<gid>             last 20 messages of group <gid>
+  /groups                     list your groups
+  /newgroup <name> <user,..>  create a group with those members (quote a name with spaces)
+  /online <user,user>         who of those users is online
+  /help                       this text
+  /quit                       leave (also Ctrl-D)"""
 
 _USAGE = {
     "to": "usage: /to <username|id> <text>",
     "group": "usage: /group <gid> <text>",
-    "history": "usage: /history <id> | /history g<gid>",
-    "newgroup": "usage: /newgroup <name> <id,id,...>",
-    "online": "usage: /online <id,id,...>",
+    "history": "usage: /history <username|id> | /history g<gid>",
+    "newgroup": "usage: /newgroup <name> <username|id,...>",
+    "online": "usage: /online <username|id,...>",
 }
 
+#: Why a name cannot be resolved when the client has no way to look it up.
 UNKNOWN_NAME = "unknown user name; use the numeric id"
+
+#: Seconds before a failed id -> name lookup (other than 404) is tried again.
+NAME_RETRY_SECONDS = 30.0
 
 # C0/C1 controls except tab and newline, and the bidi overrides: a peer could use
 # them to rewrite the terminal or disguise a message, so they are shown escaped.
 _UNSAFE_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 _ID = re.compile(r"[0-9]+")
+# The contract's usernames: 1 to 32 of A-Z a-z 0-9 _ . - (case-sensitive).
+_USERNAME = re.compile(r"[A-Za-z0-9_.-]{1,32}")
 _ID_SEPARATORS = re.compile(r"[\s,]+")
 
 
@@ -107,6 +119,13 @@ class ApiError(ChatError):
         self.message = message
 
 
+#: Looks up the username of a user id; None when unknown (the id is shown).
+NameOf = Callable[[int], str | None]
+#: What `parse_command` resolves typed names with: a name -> id mapping, or a
+#: callable that returns the id or raises ValueError (unknown) / ChatError.
+Names = dict[str, int] | Callable[[str], int] | None
+
+
 class Target(NamedTuple):
     """Name a conversation: a user (`kind` "to") or a group (`kind` "group").
 
@@ -116,9 +135,14 @@ class Target(NamedTuple):
     kind: str
     id: int
 
-    def describe(self) -> str:
-        """Render the target for the user, as the message lines do."""
-        return f"group {self.id}" if self.kind == "group" else str(self.id)
+    def describe(self, name_of: NameOf | None = None) -> str:
+        """Render the target for the user, as the message lines do.
+
+        A user is shown by the name `name_of` gives for the id, else the id.
+        """
+        if self.kind == "group":
+            return f"group {self.id}"
+        return _who(self.id, None, name_of)
 
 
 # ---------------------------------------------------------------------------
@@ -151,16 +175,36 @@ def parse_id_list(text: str) -> list[int]:
     return ids
 
 
-def resolve_user(text: str, names: dict[str, int] | None = None) -> int:
+def parse_user_list(text: str, names: Names = None) -> list[int]:
+    """Parse user references (ids or usernames) separated by commas and/or
+    spaces into ids, keeping order and dropping repeats."""
+    ids: list[int] = []
+    for part in _ID_SEPARATORS.split(text.strip()):
+        if part:
+            value = resolve_user(part, names)
+            if value not in ids:
+                ids.append(value)
+    return ids
+
+
+def resolve_user(text: str, names: Names = None) -> int:
     """Turn a typed user reference into an id, raising ValueError if impossible.
 
-    The contract has no lookup by username, so only numeric ids and names the
-    client has been told (its own, from GET /api/me) can be resolved.
+    Digits alone are an id; anything else is a username, and "@name" forces a
+    username (for names made of digits). `names` resolves usernames: a dict
+    (names the client was told), or a callable such as `UserDirectory.id_for`
+    (which asks the server). Without it only ids resolve.
     """
-    if _ID.fullmatch(text):
+    if text.startswith("@"):
+        name = text[1:]
+    elif _ID.fullmatch(text):
         return parse_id(text)
-    if names and text in names:
-        return names[text]
+    else:
+        name = text
+    if callable(names):
+        return names(name)
+    if names and name in names:
+        return names[name]
     raise ValueError(UNKNOWN_NAME)
 
 
@@ -174,12 +218,14 @@ def _parse_group_id(text: str) -> int:
 def parse_command(
     line: str,
     last_target: Target | None,
-    names: dict[str, int] | None = None,
+    names: Names = None,
 ) -> tuple[str, dict[str, Any]]:
     """Turn one typed line into `(action, args)` without side effects.
 
     Keeping the parser pure lets it be tested line by line and keeps the loop
-    in `run_chat` a plain dispatch. Actions and their args:
+    in `run_chat` a plain dispatch. The one outside call is `names`, when it
+    is a callable that looks typed usernames up (see `resolve_user`); its
+    ValueError or ChatError becomes an "error" action. Actions and their args:
 
     - "send": target (Target), body (str)
     - "select": target (Target), to change the default target only
@@ -204,7 +250,7 @@ def parse_command(
     rest = parts[1] if len(parts) > 1 else ""
     try:
         return _parse_slash_command(command, rest, names)
-    except ValueError as exc:
+    except (ValueError, ChatError) as exc:
         return "error", {"message": str(exc)}
 
 
@@ -212,14 +258,14 @@ def _plain_text(body: str, last_target: Target | None) -> tuple[str, dict[str, A
     """Send plain text to the last target, or explain how to pick one."""
     if last_target is None:
         return "error", {
-            "message": "no conversation yet: start one with /to <id> <text> "
+            "message": "no conversation yet: start one with /to <username|id> <text> "
             "or /group <gid> <text>"
         }
     return "send", {"target": last_target, "body": body}
 
 
 def _parse_slash_command(
-    command: str, rest: str, names: dict[str, int] | None
+    command: str, rest: str, names: Names
 ) -> tuple[str, dict[str, Any]]:
     """Parse the arguments of one slash command; raise ValueError on bad input."""
     if command in ("to", "group"):
@@ -249,10 +295,10 @@ def _parse_slash_command(
             raise ValueError(f"{_USAGE['newgroup']} ({exc})") from None
         if not bits or not bits[0].strip():
             raise ValueError(_USAGE["newgroup"])
-        members = parse_id_list(" ".join(bits[1:]))
+        members = parse_user_list(" ".join(bits[1:]), names)
         return "newgroup", {"name": bits[0], "members": members}
     if command == "online":
-        ids = parse_id_list(rest)
+        ids = parse_user_list(rest, names)
         if not ids:
             raise ValueError(_USAGE["online"])
         return "online", {"ids": ids}
@@ -322,37 +368,49 @@ def format_body(body: Any) -> str:
     return text.replace("\n", "\n    ")
 
 
-def _who(user_id: Any, me: int | None) -> str:
-    """Name a user as the lines show it: "me" for this user, else the id."""
+def _who(user_id: Any, me: int | None, name_of: NameOf | None = None) -> str:
+    """Name a user as the lines show it: "me" for this user, else the username
+    `name_of` gives for the id, else the id."""
     if me is not None and user_id == me:
         return "me"
-    return sanitize(str(user_id))
+    name = None
+    if name_of is not None and isinstance(user_id, int) and not isinstance(user_id, bool):
+        name = name_of(user_id)
+    return sanitize(name if isinstance(name, str) and name else str(user_id))
 
 
 def format_message(
-    msg: dict[str, Any], me: int | None, tz: datetime.tzinfo | None = None
+    msg: dict[str, Any],
+    me: int | None,
+    tz: datetime.tzinfo | None = None,
+    name_of: NameOf | None = None,
 ) -> str:
     """Render a message (live frame or history entry) as one readable line.
 
-    `[12:01:03] 7 -> me: hello`, `[12:01:04] 7 -> group 3: hi`; the same form
-    serves history, where `me -> 7` shows what this user sent.
+    `[12:01:03] bob -> me: hello`, `[12:01:04] bob -> group 3: hi`; the same
+    form serves history, where `me -> bob` shows what this user sent. People
+    are named by `name_of` (id -> username or None); unknown ones by id.
     """
-    sender = _who(msg.get("from"), me)
+    sender = _who(msg.get("from"), me, name_of)
     if msg.get("group") is not None:
         receiver = f"group {sanitize(str(msg['group']))}"
     else:
-        receiver = _who(msg.get("to"), me)
+        receiver = _who(msg.get("to"), me, name_of)
     when = format_time(msg.get("ts"), tz)
     return f"[{when}] {sender} -> {receiver}: {format_body(msg.get('body', ''))}"
 
 
-def format_sent(frame: dict[str, Any], target: Target | None = None) -> str:
+def format_sent(
+    frame: dict[str, Any], target: Target | None = None, name_of: NameOf | None = None
+) -> str:
     """Render a `sent` confirmation briefly: it only says the server has it."""
-    where = f" to {target.describe()}" if target is not None else ""
+    where = f" to {target.describe(name_of)}" if target is not None else ""
     return f"  (sent #{frame.get('id')}{where})"
 
 
-def format_error(frame: dict[str, Any], target: Target | None = None) -> str:
+def format_error(
+    frame: dict[str, Any], target: Target | None = None, name_of: NameOf | None = None
+) -> str:
     """Render an `error` frame with its code and message.
 
     When the frame names a `cid` we sent, say which message was refused, since
@@ -361,7 +419,7 @@ def format_error(frame: dict[str, Any], target: Target | None = None) -> str:
     code = sanitize(str(frame.get("code", "error")))
     message = sanitize(str(frame.get("message", "")))
     if target is not None:
-        return f"! not sent to {target.describe()}: {code}: {message}"
+        return f"! not sent to {target.describe(name_of)}: {code}: {message}"
     suffix = f" (cid {sanitize(str(frame['cid']))})" if frame.get("cid") else ""
     return f"! error {code}: {message}{suffix}"
 
@@ -380,6 +438,7 @@ def format_frame(
     me: int | None,
     tz: datetime.tzinfo | None = None,
     target: Target | None = None,
+    name_of: NameOf | None = None,
 ) -> str | None:
     """Render any server frame as a line, or None for frames not worth showing.
 
@@ -387,11 +446,11 @@ def format_frame(
     """
     kind = frame.get("type")
     if kind == "message":
-        return format_message(frame, me, tz)
+        return format_message(frame, me, tz, name_of)
     if kind == "sent":
-        return format_sent(frame, target)
+        return format_sent(frame, target, name_of)
     if kind == "error":
-        return format_error(frame, target)
+        return format_error(frame, target, name_of)
     if kind == "ready":
         return format_ready(frame)
     if kind in ("pong", "ping"):
@@ -399,21 +458,24 @@ def format_frame(
     return f"? unknown frame type {sanitize(str(kind))!r}"
 
 
-def format_group(group: dict[str, Any], me: int | None = None) -> str:
-    """Render a group as `#3 name (owner 1): members 1, 2, 5`."""
-    members = ", ".join(_who(m, me) for m in group.get("members", []))
+def format_group(
+    group: dict[str, Any], me: int | None = None, name_of: NameOf | None = None
+) -> str:
+    """Render a group as `#3 name (owner me): members me, bob, 5`."""
+    members = ", ".join(_who(m, me, name_of) for m in group.get("members", []))
     return (
         f"#{group.get('id')} {sanitize(str(group.get('name', '')))} "
-        f"(owner {_who(group.get('owner'), me)}): members {members}"
+        f"(owner {_who(group.get('owner'), me, name_of)}): members {members}"
     )
 
 
-def format_presence(online: dict[str, Any]) -> str:
-    """Render GET /api/presence's `online` map as `1 online, 2 offline`."""
+def format_presence(online: dict[str, Any], name_of: NameOf | None = None) -> str:
+    """Render GET /api/presence's `online` map as `bob online, 2 offline`."""
     if not online:
         return "(nobody asked about)"
     return ", ".join(
-        f"{sanitize(str(uid))} {'online' if up else 'offline'}"
+        f"{_who(int(uid) if _ID.fullmatch(str(uid)) else uid, None, name_of)} "
+        f"{'online' if up else 'offline'}"
         for uid, up in online.items()
     )
 
@@ -534,9 +596,11 @@ def parse_error_body(status: int, raw: bytes, reason: str = "") -> ApiError:
 
 
 class Api:
-    """Call the HTTP half of the contract with urllib, one request at a time.
+    """Call the HTTP half of the contract with urllib.
 
-    Not shared between threads: only the main loop of `run_chat` uses it.
+    Each call is its own request and changes nothing on the object, so the
+    main loop (commands) and the reader thread (`UserDirectory` naming the
+    senders of incoming messages) share one.
     """
 
     def __init__(self, base_url: str, token: str | None = None, timeout: float = 10.0):
@@ -594,6 +658,118 @@ def login(base_url: str, username: str, password: str, timeout: float = 10.0) ->
     )
 
 
+class UserDirectory:
+    """Name people: usernames to ids and back, asked of the server once each.
+
+    The contract names people by id only; this server adds GET /api/users/<id>
+    and GET /api/users?username=<name> (both answer `{"id", "username"}`, 404
+    for nobody). Usernames never change, so answers are kept for the session,
+    both ways. A failed id lookup leaves the id on screen: after a 404 it is
+    not asked again, after any other failure not before `retry_after` seconds.
+
+    The main loop resolves typed names (`id_for`) and the reader thread names
+    senders (`name_for`), so the maps are guarded by a lock, never held during
+    a request (two threads may ask for the same id at once; both answers agree).
+    """
+
+    def __init__(
+        self,
+        api: Any,
+        retry_after: float = NAME_RETRY_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._api = api
+        self._retry_after = retry_after
+        self._clock = clock
+        # Guards the three maps below.
+        self._lock = threading.Lock()
+        self._names: dict[int, str] = {}
+        self._ids: dict[str, int] = {}
+        # id -> clock time before which not to ask again (math.inf after a 404).
+        self._failed: dict[int, float] = {}
+
+    def remember(self, user_id: Any, username: Any) -> None:
+        """Record that `user_id` is `username` (an answer, or /api/me)."""
+        if not _is_id(user_id) or not isinstance(username, str) or not username:
+            return
+        with self._lock:
+            self._names[user_id] = username
+            self._ids[username] = user_id
+            self._failed.pop(user_id, None)
+
+    def known_name(self, user_id: Any) -> str | None:
+        """Return the cached username of `user_id`, asking nobody."""
+        with self._lock:
+            return self._names.get(user_id)
+
+    def name_for(self, user_id: Any) -> str | None:
+        """Return the username of `user_id`, looking it up once; None if unknown.
+
+        Never raises: a name is cosmetic, and this runs in the reader thread,
+        which must not die over one.
+        """
+        if not _is_id(user_id):
+            return None
+        with self._lock:
+            if user_id in self._names:
+                return self._names[user_id]
+            if self._clock() < self._failed.get(user_id, -math.inf):
+                return None
+        try:
+            answer = self._api.call("GET", f"/api/users/{user_id}")
+        except ApiError as exc:
+            self._failed_lookup(user_id, math.inf if exc.status == 404 else None)
+            logger.debug("no name for user_id=%s: %s", user_id, exc)
+            return None
+        except Exception:  # noqa: BLE001 - see the docstring
+            self._failed_lookup(user_id, None)
+            logger.warning("name lookup for user_id=%s failed", user_id, exc_info=True)
+            return None
+        if (not isinstance(answer, dict) or answer.get("id") != user_id
+                or not isinstance(answer.get("username"), str) or not answer["username"]):
+            self._failed_lookup(user_id, None)
+            logger.warning("unexpected answer to the name lookup of user_id=%s", user_id)
+            return None
+        self.remember(user_id, answer["username"])
+        return answer["username"]
+
+    def _failed_lookup(self, user_id: int, until: float | None) -> None:
+        with self._lock:
+            self._failed[user_id] = (
+                until if until is not None else self._clock() + self._retry_after
+            )
+
+    def id_for(self, name: str) -> int:
+        """Return the id of the user called exactly `name`, looking it up once.
+
+        Raises ValueError (shown to the user) for a malformed or unknown name,
+        and ChatError when the server cannot answer.
+        """
+        if not _USERNAME.fullmatch(name):
+            raise ValueError(f"not a user id or username: {sanitize(name)!r}")
+        with self._lock:
+            if name in self._ids:
+                return self._ids[name]
+        try:
+            answer = self._api.call("GET", "/api/users", query={"username": name})
+        except ApiError as exc:
+            if exc.status == 404:
+                raise ValueError(f"{exc.code}: {exc.message}: {name}") from None
+            raise
+        if not isinstance(answer, dict) or not _is_id(answer.get("id")):
+            raise ChatError(f"unexpected answer to the lookup of user {name}")
+        username = answer.get("username")
+        self.remember(answer["id"], username if isinstance(username, str) else name)
+        with self._lock:
+            self._ids[name] = answer["id"]
+        return answer["id"]
+
+
+def _is_id(value: Any) -> bool:
+    """Tell whether `value` is a contract id (a positive int, not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 # ---------------------------------------------------------------------------
 # The WebSocket session
 # ---------------------------------------------------------------------------
@@ -642,9 +818,14 @@ class ChatSession:
         ping_interval: float = 25.0,
         poll_interval: float = 0.25,
         on_close: Callable[[], None] | None = None,
+        names: UserDirectory | None = None,
     ) -> None:
         self.ws = ws
         self.console = console
+        # Names the people in printed lines (looked up lazily, from this
+        # thread); without it they are shown by id.
+        self.names = names
+        self.name_of: NameOf | None = names.name_for if names is not None else None
         # Set once by the reader from `ready` (also seeded from /api/me); read
         # by the main thread only after `ready` is set, so no lock is needed.
         self.me = me
@@ -765,7 +946,8 @@ class ChatSession:
         if kind == "message":
             show, ack = self.inbox.accept(frame)
             if show:
-                self.console.line(format_message(frame, self.me, self.tz))
+                # The sender's name may need a lookup: in order, before the ack.
+                self.console.line(format_message(frame, self.me, self.tz, self.name_of))
             # Ack after printing: the ack promises the entry has been shown.
             if ack is not None:
                 self.send_frame(build_ack_frame(ack))
@@ -783,7 +965,7 @@ class ChatSession:
             return
         answers = kind in ("sent", "error")
         target = self._pending_target(frame.get("cid")) if answers else None
-        line = format_frame(frame, self.me, self.tz, target)
+        line = format_frame(frame, self.me, self.tz, target, self.name_of)
         if line is not None:
             self.console.line(line)
         if answers:
@@ -885,13 +1067,14 @@ def _run_action(
 ) -> None:
     """Carry out one parsed command that is neither a send nor a quit."""
     me = session.me
+    name_of = session.name_of
     if action == "history":
         if "group" in args:
             query = {"group": args["group"], "limit": HISTORY_LIMIT}
             title = f"history of group {args['group']}"
         else:
             query = {"with": args["with"], "limit": HISTORY_LIMIT}
-            title = f"history with {args['with']}"
+            title = f"history with {Target('to', args['with']).describe(name_of)}"
         answer = api.call("GET", "/api/messages", query=query)
         if not isinstance(answer, dict):
             answer = {}
@@ -899,7 +1082,7 @@ def _run_action(
         more = " (older messages exist)" if answer.get("has_more") else ""
         console.line(f"-- {title}{more}")
         for msg in messages:
-            console.line(format_message(msg, me, session.tz))
+            console.line(format_message(msg, me, session.tz, name_of))
         if not messages:
             console.line("(no messages)")
         console.line("--")
@@ -907,7 +1090,7 @@ def _run_action(
         answer = api.call("GET", "/api/groups")
         groups = answer.get("groups", []) if isinstance(answer, dict) else []
         for group in groups:
-            console.line(format_group(group, me))
+            console.line(format_group(group, me, name_of))
         if not groups:
             console.line("(no groups)")
     elif action == "newgroup":
@@ -915,14 +1098,14 @@ def _run_action(
             "POST", "/api/groups", {"name": args["name"], "members": args["members"]}
         )
         if isinstance(group, dict):
-            console.line("created " + format_group(group, me))
+            console.line("created " + format_group(group, me, name_of))
         else:
             console.line(f"created group {sanitize(args['name'])}")
     elif action == "online":
         ids = ",".join(str(i) for i in args["ids"])
         answer = api.call("GET", "/api/presence", query={"ids": ids})
         online = answer.get("online", {}) if isinstance(answer, dict) else {}
-        console.line(format_presence(online))
+        console.line(format_presence(online, name_of))
     elif action == "help":
         console.line(HELP)
     elif action == "error":
@@ -958,8 +1141,8 @@ def run_chat(
     connect = connect if connect is not None else simple_websocket.Client.connect
 
     # Check the token over HTTP first: it gives a clear 401 message and our
-    # own username, the one name the contract lets us resolve.
-    names: dict[str, int] = {}
+    # own username.
+    names = UserDirectory(api)
     try:
         me_info = api.call("GET", "/api/me")
         url = ws_url(base_url, token)
@@ -968,8 +1151,7 @@ def run_chat(
         return EXIT_FAILURE
     me = me_info.get("id") if isinstance(me_info, dict) else None
     username = me_info.get("username") if isinstance(me_info, dict) else None
-    if isinstance(username, str) and isinstance(me, int):
-        names[username] = me
+    names.remember(me, username)
 
     try:
         ws = connect(url)
@@ -993,6 +1175,7 @@ def run_chat(
         tz=tz,
         ping_interval=ping_interval,
         on_close=lambda: events.put(_CLOSED),
+        names=names,
     )
     session.start()
     try:
@@ -1026,7 +1209,7 @@ def _interact(
     console: Console,
     stdin: Any,
     events: "queue.Queue[Any]",
-    names: dict[str, int],
+    names: UserDirectory,
     ready_timeout: float,
     drain_timeout: float,
 ) -> int:
@@ -1052,13 +1235,13 @@ def _interact(
                 return _report_close(session, console)
             if item is _EOF:
                 break
-            action, args = parse_command(item, last_target, names)
+            action, args = parse_command(item, last_target, names.id_for)
             if action == "quit":
                 break
             if action in ("send", "select"):
                 last_target = args["target"]
             if action == "select":
-                console.line(f"now talking to {last_target.describe()}")
+                console.line(f"now talking to {last_target.describe(names.name_for)}")
             elif action == "send":
                 if session.send_message(args["target"], args["body"]) is None:
                     # The reader thread is about to see the close and say why.

@@ -1,5 +1,6 @@
-"""Unit tests of the terminal client: parsing, formatting, bookkeeping, and
-the interactive loop over a fake WebSocket and a fake API (no network)."""
+"""Unit tests of the terminal client: parsing, formatting, bookkeeping, the
+name directory, and the interactive loop over a fake WebSocket and a fake API
+(no network)."""
 
 import datetime
 import io
@@ -15,8 +16,10 @@ from click.testing import CliRunner
 from imserver import chat_client
 from imserver.chat_client import ApiError
 from imserver.chat_client import InboxTracker
+from imserver.chat_client import ChatError
 from imserver.chat_client import Target
 from imserver.chat_client import UNKNOWN_NAME
+from imserver.chat_client import UserDirectory
 from imserver.chat_client import parse_command
 
 UTC = datetime.timezone.utc
@@ -45,6 +48,46 @@ def test_to_with_known_name_resolves_it():
     """A name the client knows (its own, from /api/me) resolves to its id."""
     action, args = parse_command("/to alice hi", None, {"alice": 3})
     assert (action, args["target"]) == ("send", Target("to", 3))
+
+
+def test_names_can_be_a_lookup():
+    """A callable resolves names (the client passes UserDirectory.id_for)."""
+    asked = []
+
+    def lookup(name):
+        asked.append(name)
+        return {"bob": 7}[name]
+
+    assert parse_command("/to bob hi", None, lookup) == (
+        "send", {"target": Target("to", 7), "body": "hi"})
+    assert parse_command("/to 9 hi", None, lookup)[1]["target"] == Target("to", 9)
+    assert asked == ["bob"]   # digits are an id: nothing looked up
+
+
+def test_at_sign_forces_a_name():
+    """`@123` is the user named "123", not id 123."""
+    action, args = parse_command("/to @123 hi", None, {"123": 5})
+    assert (action, args["target"]) == ("send", Target("to", 5))
+
+
+@pytest.mark.parametrize("error", [ValueError("not_found: no such user: bob"),
+                                   ChatError("cannot reach http://s: refused")])
+def test_failed_lookup_is_an_error_line(error):
+    """An unknown name, or a server that cannot answer, sends nothing."""
+
+    def lookup(name):
+        raise error
+
+    assert parse_command("/to bob hi", None, lookup) == ("error", {"message": str(error)})
+
+
+def test_names_work_in_history_newgroup_and_online():
+    """Every command that takes a user takes a username too."""
+    names = {"bob": 7, "carol": 8}
+    assert parse_command("/history bob", None, names) == ("history", {"with": 7})
+    assert parse_command("/newgroup team bob,3 carol,bob", None, names) == (
+        "newgroup", {"name": "team", "members": [7, 3, 8]})
+    assert parse_command("/online carol 7", None, names) == ("online", {"ids": [8, 7]})
 
 
 @pytest.mark.parametrize("line", ["/to 0 hi", "/to -3 hi", "/group x1 hi"])
@@ -90,7 +133,7 @@ def test_plain_text_without_target_is_an_error():
     """Plain text before any /to or /group says how to start a conversation."""
     action, args = parse_command("hello", None)
     assert action == "error"
-    assert "/to <id>" in args["message"]
+    assert "/to <username|id>" in args["message"]
 
 
 def test_double_slash_sends_a_leading_slash():
@@ -145,7 +188,7 @@ def test_online_without_ids_shows_usage():
     """`/online` alone answers with its usage line."""
     assert parse_command("/online", None) == (
         "error",
-        {"message": "usage: /online <id,id,...>"},
+        {"message": "usage: /online <username|id,...>"},
     )
 
 
@@ -214,6 +257,42 @@ def test_own_message_in_history():
     """A message this user sent reads `me -> 7`."""
     msg = {"id": 1, "from": 2, "to": 7, "body": "yo", "ts": 0}
     assert chat_client.format_message(msg, 2, UTC) == "[00:00:00] me -> 7: yo"
+
+
+NAMES = {2: "alice", 7: "bob"}.get
+
+
+def test_message_lines_name_people():
+    """With a name lookup, people are shown by username; unknown ids stay ids."""
+    msg = {"id": 1, "from": 7, "to": 2, "body": "hello", "ts": 0}
+    assert chat_client.format_message(msg, 2, UTC, NAMES) == "[00:00:00] bob -> me: hello"
+    mine = {"id": 2, "from": 2, "to": 7, "body": "yo", "ts": 0}
+    assert chat_client.format_message(mine, 2, UTC, NAMES) == "[00:00:00] me -> bob: yo"
+    group = {"id": 3, "from": 7, "group": 3, "body": "hi", "ts": 0}
+    assert chat_client.format_message(group, 2, UTC, NAMES) == (
+        "[00:00:00] bob -> group 3: hi")
+    stranger = {"id": 4, "from": 9, "to": 2, "body": "?", "ts": 0}
+    assert chat_client.format_message(stranger, 2, UTC, NAMES) == "[00:00:00] 9 -> me: ?"
+
+
+def test_names_are_sanitized():
+    """A name is printed as safely as a body."""
+    msg = {"from": 7, "to": 2, "body": "x", "ts": 0}
+    line = chat_client.format_message(msg, 2, UTC, lambda uid: "b\x1b[2Job")
+    assert line == "[00:00:00] b\\u001b[2Job -> me: x"
+
+
+def test_targets_groups_and_presence_name_people():
+    """Sent lines, group listings and presence use names too."""
+    assert Target("to", 7).describe(NAMES) == "bob"
+    assert Target("to", 9).describe(NAMES) == "9"
+    assert Target("group", 7).describe(NAMES) == "group 7"
+    assert chat_client.format_sent({"id": 5}, Target("to", 7), NAMES) == "  (sent #5 to bob)"
+    group = {"id": 3, "name": "owls", "owner": 7, "members": [2, 7, 9]}
+    assert chat_client.format_group(group, 2, NAMES) == (
+        "#3 owls (owner bob): members me, bob, 9")
+    assert chat_client.format_presence({"7": True, "9": False}, NAMES) == (
+        "bob online, 9 offline")
 
 
 def test_body_control_characters_are_escaped():
@@ -422,19 +501,141 @@ class FakeWebSocket:
 
 
 class FakeApi:
-    """Stand in for chat_client.Api: canned answers keyed by (method, path)."""
+    """Stand in for chat_client.Api: canned answers keyed by (method, path),
+    and the user lookups (GET /api/users/<id>, GET /api/users?username=)
+    answered from `users` (id -> name) as the server does, 404 for nobody."""
 
-    def __init__(self, answers=None):
+    def __init__(self, answers=None, users=None):
         self.answers = {("GET", "/api/me"): {"id": 2, "username": "alice"}}
         self.answers.update(answers or {})
+        self.users = {2: "alice", 7: "bob"} if users is None else users
         self.calls = []
 
     def call(self, method, path, body=None, query=None):
         self.calls.append((method, path, body, query))
-        answer = self.answers[(method, path)]
+        if (method, path) in self.answers:
+            answer = self.answers[(method, path)]
+        elif (method, path) == ("GET", "/api/users"):
+            wanted = (query or {}).get("username")
+            found = [uid for uid, name in self.users.items() if name == wanted]
+            answer = ({"id": found[0], "username": wanted} if found
+                      else ApiError(404, "not_found", "no such user"))
+        elif method == "GET" and path.startswith("/api/users/"):
+            uid = int(path.rsplit("/", 1)[1])
+            answer = ({"id": uid, "username": self.users[uid]} if uid in self.users
+                      else ApiError(404, "not_found", f"no user {uid}"))
+        else:
+            raise AssertionError(f"unexpected call {method} {path}")
         if isinstance(answer, Exception):
             raise answer
         return answer
+
+    def lookups(self):
+        """The user lookups made so far, as ("id", 7) or ("name", "bob")."""
+        found = []
+        for method, path, _, query in self.calls:
+            if (method, path) == ("GET", "/api/users"):
+                found.append(("name", query["username"]))
+            elif method == "GET" and path.startswith("/api/users/"):
+                found.append(("id", int(path.rsplit("/", 1)[1])))
+        return found
+
+
+# ---------------------------------------------------------------------------
+# UserDirectory
+# ---------------------------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_directory_names_an_id_once():
+    """An id is looked up once; later calls use the cache."""
+    api = FakeApi()
+    names = UserDirectory(api)
+    assert names.name_for(7) == "bob"
+    assert names.name_for(7) == "bob"
+    assert api.lookups() == [("id", 7)]
+    assert names.known_name(7) == "bob"
+
+
+def test_directory_gives_up_on_unknown_ids():
+    """A 404 leaves the id unnamed and is not asked again."""
+    api = FakeApi()
+    names = UserDirectory(api)
+    assert names.name_for(9) is None
+    assert names.name_for(9) is None
+    assert api.lookups() == [("id", 9)]
+
+
+@pytest.mark.parametrize("failure", [ApiError(503, "unavailable", "database down"),
+                                     ChatError("cannot reach http://s"),
+                                     {"id": 8, "username": "someone else"}])
+def test_directory_retries_other_failures_later(failure):
+    """A server error, no server, or a wrong answer: the id stays unnamed,
+    and is asked again only after `retry_after` seconds."""
+    api = FakeApi({("GET", "/api/users/7"): failure})
+    clock = FakeClock()
+    names = UserDirectory(api, retry_after=30, clock=clock)
+    assert names.name_for(7) is None
+    clock.now += 29
+    assert names.name_for(7) is None
+    assert api.lookups() == [("id", 7)]
+    clock.now += 2
+    del api.answers[("GET", "/api/users/7")]
+    assert names.name_for(7) == "bob"
+    assert api.lookups() == [("id", 7), ("id", 7)]
+
+
+def test_directory_never_raises_from_name_for():
+    """Whatever goes wrong, naming a sender does not raise (it runs in the
+    reader thread)."""
+
+    class Broken:
+        def call(self, *args, **kwargs):
+            raise RuntimeError("boom")
+
+    assert UserDirectory(Broken()).name_for(7) is None
+    assert UserDirectory(Broken()).name_for("7") is None   # not an id: not asked
+
+
+def test_directory_resolves_a_name_once_and_learns_both_ways():
+    """A typed name is looked up once; its id's name is then known too."""
+    api = FakeApi()
+    names = UserDirectory(api)
+    assert names.id_for("bob") == 7
+    assert names.id_for("bob") == 7
+    assert names.name_for(7) == "bob"
+    assert api.lookups() == [("name", "bob")]
+
+
+def test_directory_reports_unknown_and_malformed_names():
+    """An unknown name is a ValueError with the server's error; a malformed
+    one is refused without asking; other failures are ChatErrors."""
+    api = FakeApi()
+    names = UserDirectory(api)
+    with pytest.raises(ValueError, match="^not_found: no such user: bobb$"):
+        names.id_for("bobb")
+    with pytest.raises(ValueError, match="not a user id or username"):
+        names.id_for("bob smith")
+    assert api.lookups() == [("name", "bobb")]
+    api.answers[("GET", "/api/users")] = ApiError(503, "unavailable", "database down")
+    with pytest.raises(ChatError, match="503 unavailable"):
+        names.id_for("carol")
+
+
+def test_directory_remembers_what_it_is_told():
+    """remember() (our own name, from /api/me) answers both ways with no call."""
+    api = FakeApi()
+    names = UserDirectory(api)
+    names.remember(2, "alice")
+    assert (names.id_for("alice"), names.name_for(2)) == (2, "alice")
+    assert api.lookups() == []
 
 
 class BlockedStdin:
@@ -478,17 +679,19 @@ def test_run_chat_prints_acks_and_sends():
              "body": "hi", "ts": 0, "cid": None})
     stdin = io.StringIO("/to 7 hi back\nand more\n/quit\n")
 
-    status, lines = _run(ws, FakeApi(), stdin)
+    api = FakeApi()
+    status, lines = _run(ws, api, stdin)
 
     assert status == 0
     assert lines == [
         "connected as alice, user 2; type /help for commands",
-        "[00:00:00] 7 -> me: hello",
-        "[00:00:00] 7 -> group 3: hi",
-        "  (sent #101 to 7)",
-        "  (sent #102 to 7)",
+        "[00:00:00] bob -> me: hello",
+        "[00:00:00] bob -> group 3: hi",
+        "  (sent #101 to bob)",
+        "  (sent #102 to bob)",
         "bye",
     ]
+    assert api.lookups() == [("id", 7)]   # once, lazily, for the first message
     acks = [f["seq"] for f in ws.sent if f["type"] == "ack"]
     assert acks == [1, 2, 3]
     sends = [f for f in ws.sent if f["type"] == "send"]
@@ -516,6 +719,76 @@ def test_run_chat_reports_refused_send():
 
     assert status == 0
     assert lines[1:] == ["! not sent to 9: not_found: no such user", "bye"]
+
+
+def test_run_chat_talks_to_people_by_name():
+    """`/to bob ...` looks bob up once, sends to his id and names him in the
+    lines; an unknown name sends nothing; senders are named lazily (once
+    each), one whose name cannot be found is shown by id; /history takes a
+    name."""
+    ws = FakeWebSocket()
+    ws.push({"type": "ready", "user_id": 2})
+    stdin = QueuedStdin()
+    out = io.StringIO()
+    api = FakeApi({
+        ("GET", "/api/messages"): {
+            "messages": [{"id": 50, "from": 8, "to": 2, "body": "hi alice", "ts": 0},
+                         {"id": 53, "from": 2, "to": 8, "body": "hi carol", "ts": 0}],
+            "has_more": False,
+        },
+    }, users={2: "alice", 7: "bob", 8: "carol"})
+    result = {}
+
+    def run():
+        result["status"] = chat_client.run_chat(
+            "http://s", "t", stdin, out, connect=lambda url: ws, api=api, tz=UTC,
+            ready_timeout=T, drain_timeout=T, ping_interval=0)
+
+    def step(line, expect_last):
+        """Type `line`, wait until the output ends with `expect_last`."""
+        stdin.lines.put(line)
+        assert wait_until(lambda: out.getvalue().endswith(expect_last + "\n")), (
+            line, out.getvalue())
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    try:
+        assert wait_until(lambda: "connected as" in out.getvalue())
+        step("/to bob hi bob\n", "  (sent #101 to bob)")
+        step("/to nobody hi\n", "! not_found: no such user: nobody")
+        step("/to @bob\n", "now talking to bob")
+        step("again\n", "  (sent #102 to bob)")
+        for seq, (mid, sender, body) in enumerate(
+                [(50, 8, "hi alice"), (51, 9, "who am i"), (52, 8, "still me")], start=1):
+            ws.push({"type": "message", "seq": seq, "id": mid, "from": sender, "to": 2,
+                     "body": body, "ts": 0})
+        assert wait_until(lambda: {"type": "ack", "seq": 3} in ws.sent)
+        step("/history carol\n", "--")
+    finally:
+        stdin.lines.put("")
+        runner.join(T)
+
+    assert result["status"] == 0
+    assert out.getvalue().splitlines() == [
+        "connected as alice, user 2; type /help for commands",
+        "  (sent #101 to bob)",
+        "! not_found: no such user: nobody",
+        "now talking to bob",
+        "  (sent #102 to bob)",
+        "[00:00:00] carol -> me: hi alice",
+        "[00:00:00] 9 -> me: who am i",
+        "[00:00:00] carol -> me: still me",
+        "-- history with carol",
+        "[00:00:00] carol -> me: hi alice",
+        "[00:00:00] me -> carol: hi carol",
+        "--",
+        "bye",
+    ]
+    sends = [(f["to"], f["body"]) for f in ws.sent if f["type"] == "send"]
+    assert sends == [(7, "hi bob"), (7, "again")]
+    # Each name or id asked once; our own name came with /api/me.
+    assert api.lookups() == [("name", "bob"), ("name", "nobody"), ("id", 8), ("id", 9)]
+    assert ("GET", "/api/messages", None, {"with": 8, "limit": 20}) in api.calls
 
 
 def test_run_chat_exits_on_replaced():
@@ -584,19 +857,20 @@ def test_run_chat_history_groups_and_presence():
 
     assert status == 0
     assert lines[1:] == [
-        "-- history with 7",
-        "[00:00:00] me -> 7: old",
+        "-- history with bob",
+        "[00:00:00] me -> bob: old",
         "--",
         "-- history of group 3",
-        "[00:00:00] me -> 7: old",
+        "[00:00:00] me -> bob: old",
         "--",
-        "#3 owls (owner me): members me, 7",
+        "#3 owls (owner me): members me, bob",
         "! 404 not_found: no user 99",
-        "7 online",
+        "bob online",
         "! unknown command /bogus; type /help",
         "bye",
     ]
     assert api.calls[1:] == [
+        ("GET", "/api/users/7", None, None),   # bob's name, once, for the title
         ("GET", "/api/messages", None, {"with": 7, "limit": 20}),
         ("GET", "/api/messages", None, {"group": 3, "limit": 20}),
         ("GET", "/api/groups", None, None),

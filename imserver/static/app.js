@@ -908,7 +908,7 @@
       }
       el.groupAdmin.hidden = false;
       var isOwner = g && g.owner === state.me.id;
-      el.addMemberId.placeholder = isOwner ? 'username or id to add' : 'username or id to add (owner only)';
+      el.addMemberId.placeholder = isOwner ? 'username or id to add' : 'owner only: name or id';
     }
   }
 
