@@ -79,6 +79,11 @@ class Committer:
         self._db = db
         self._batch = batch
         self._on_commit = on_commit
+        # Called at the start of each attempt at a batch, and inside its
+        # transaction after its operations: for writes the operations gather
+        # to do once per batch (a failed attempt's are dropped).
+        self.batch_started = None
+        self.before_commit = None
         # Called with (seconds, ops) after each commit, for metrics.
         self._observe = observe
         # Operations waiting for the writer: (op, future).
@@ -168,6 +173,8 @@ class Committer:
         started = time.monotonic()
         results = []
         deliveries = []
+        if self.batch_started is not None:
+            self.batch_started()
         if self._db.is_closed():
             self._db.connect()
         with self._db.atomic(*_write_lock(self._db)):
@@ -182,6 +189,8 @@ class Committer:
                 results.append((future, result, None))
                 if delivered:
                     deliveries.extend(delivered)
+            if self.before_commit is not None:
+                self.before_commit()
         if self._observe is not None:
             self._observe(time.monotonic() - started, len(batch))
         # Store first: only now, after the commit, answer and deliver.
@@ -239,6 +248,13 @@ class Store:
     def __init__(self, db: peewee.Database, committer: Committer) -> None:
         self.db = db
         self.committer = committer
+        # Inbox rows of the batch being written (only the committer touches it).
+        self._pending_inbox: list[tuple[int, int, int]] = []
+        committer.batch_started = self._pending_inbox.clear
+        committer.before_commit = self._write_pending_inbox
+        # Highest ack per user not yet written, and its lock.
+        self._acks: dict[int, int] = {}
+        self._acks_lock = threading.Lock()
         # Ids of users known to exist (users are never deleted).
         self._known_users: set[int] = set()
         # Guards _known_users.
@@ -377,23 +393,46 @@ class Store:
         seqs = self._execute(
             f"UPDATE users SET last_seq = last_seq + 1 WHERE id IN ({placeholders})"
             " RETURNING id, last_seq", recipients).fetchall()
-        self.db.cursor().executemany(
-            self._sql("INSERT INTO inbox (user_id, seq, message_id) VALUES (?, ?, ?)"),
-            [(user_id, seq, row[0]) for user_id, seq in seqs])
+        # Written once for the whole batch, before the commit.
+        self._pending_inbox.extend((user_id, seq, row[0]) for user_id, seq in seqs)
         stored.entries = seqs
         deliveries = [(user_id, seq, encode_entry(seq, message_json))
                       for user_id, seq in seqs]
         return stored, deliveries
 
-    def ack(self, user_id: int, seq: int) -> concurrent.futures.Future:
-        """Move the acked cursor of ``user_id`` up to ``seq`` (never down)."""
+    def ack(self, user_id: int, seq: int) -> None:
+        """Move the acked cursor of ``user_id`` up to ``seq`` (never down).
 
-        def op(db):
-            self._execute("UPDATE users SET acked_seq = ? WHERE id = ? AND acked_seq < ?",
-                          (seq, user_id, seq))
-            return None, None
+        Acks are cumulative, so only the highest per user matters: they are
+        gathered here and written by one writer operation for all users
+        (one UPDATE per batch, not one per ack frame). Nothing waits for it:
+        an ack lost in a crash only means entries are sent once more.
+        """
+        with self._acks_lock:
+            first = not self._acks
+            if seq > self._acks.get(user_id, -1):
+                self._acks[user_id] = seq
+        if first:
+            self.committer.submit(self._write_acks)
 
-        return self.committer.submit(op)
+    def _write_pending_inbox(self) -> None:
+        """Run in the committer before each commit: insert the batch's inbox rows."""
+        rows = list(self._pending_inbox)
+        self._pending_inbox.clear()
+        if rows:
+            self.db.cursor().executemany(
+                self._sql("INSERT INTO inbox (user_id, seq, message_id) VALUES (?, ?, ?)"),
+                rows)
+
+    def _write_acks(self, db):
+        """Run in the committer: write every gathered ack."""
+        with self._acks_lock:
+            acks, self._acks = self._acks, {}
+        if acks:
+            self.db.cursor().executemany(
+                self._sql("UPDATE users SET acked_seq = ? WHERE id = ? AND acked_seq < ?"),
+                [(seq, user_id, seq) for user_id, seq in acks.items()])
+        return None, None
 
     def cursor(self, user_id: int) -> tuple[int, int]:
         """Return ``(acked_seq, last_seq)`` of ``user_id``."""
