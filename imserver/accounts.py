@@ -18,6 +18,7 @@ from imserver.errors import NotFound
 from imserver.errors import RateLimited
 from imserver.http_util import json_body
 from imserver.hub import current_hub
+from imserver.protocol import MAX_ID
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ def login():
     return {"token": token, "user_id": row[0], "expires_at": expires_at}
 
 
-@bp.get("/users/<int:user_id>")
+@bp.get(f"/users/<int(max={MAX_ID}):user_id>")  # past a 64-bit id: 404, not 500
 @token_required
 def show_user(user_id):
     """Show another user's name (the contract names people by id only)."""

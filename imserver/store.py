@@ -136,6 +136,7 @@ class Committer:
             pass
 
     def _commit(self, batch: list, attempts: int = 3) -> None:
+        error = None
         for attempt in range(1, attempts + 1):
             try:
                 self._commit_once(batch)
@@ -145,25 +146,46 @@ class Committer:
                 # lost connection: everything was rolled back, so the batch
                 # can run again as it is.
                 logger.warning("commit attempt %d failed: %r", attempt, exc)
-                try:
-                    self._db.close()
-                except Exception:
-                    pass
-                if attempt == attempts:
-                    self._fail(batch, exc)
-                    return
-                time.sleep(0.05 * attempt)
+                error = exc
+                self._close_quietly()
+                if attempt < attempts:
+                    time.sleep(0.05 * attempt)
             except Exception as exc:
-                self._fail(batch, exc)
-                return
+                # Not transient: one operation's input may be at fault.
+                error = exc
+                self._close_quietly()
+                break
+        if len(batch) > 1 and self._database_answers():
+            # The database works, so one operation's input is at fault: run
+            # each alone, so that only that one fails and the others of the
+            # batch are stored.
+            logger.warning("batch of %d failed (%r); committing one by one",
+                           len(batch), error)
+            for item in batch:
+                self._commit([item], attempts=1)
+        else:
+            self._fail(batch, error)
 
-    def _fail(self, batch: list, exc: Exception) -> None:
-        """Refuse every operation of a batch that could not be committed."""
-        logger.error("commit failed, %d operations refused: %r", len(batch), exc)
+    def _database_answers(self) -> bool:
+        try:
+            if self._db.is_closed():
+                self._db.connect()
+            self._db.execute_sql("SELECT 1").fetchone()
+            return True
+        except Exception:
+            self._close_quietly()
+            return False
+
+    def _close_quietly(self) -> None:
         try:
             self._db.close()
         except Exception:
             pass
+
+    def _fail(self, batch: list, exc: Exception) -> None:
+        """Refuse every operation of a batch that could not be committed."""
+        logger.error("commit failed, %d operations refused: %r", len(batch), exc)
+        self._close_quietly()
         error = Unavailable("the database is unavailable, try again")
         for _, future in batch:
             if not future.done():

@@ -38,6 +38,7 @@ from conftest import RawClient
 from conftest import wait_until
 from hypothesis import HealthCheck
 from hypothesis import assume
+from hypothesis import example
 from hypothesis import given
 from hypothesis import note
 from hypothesis import settings
@@ -450,7 +451,9 @@ class Conversation:
 
     def ws(self):
         if self.client is None:
-            self.client = self.user.connect()
+            # No keepalive pings: websockets draws their payload from the global
+            # `random`, which hypothesis forbids while it generates an example.
+            self.client = self.user.connect(ping_interval=None)
         return self.client.ws
 
     def drop(self):
@@ -502,6 +505,34 @@ def test_generated_frames_get_one_contract_answer_and_the_socket_stays_open(
 
     ids = (a.id, b.id, c.id, g1["id"], g2["id"], g3["id"])
     seen = Counter()
+
+    valid = {"type": "send", "cid": "fixed-1", "to": b.id, "body": "hi"}
+    pinned = [
+        # Every field of a send missing in turn, then null in turn.
+        *[("object", {k: v for k, v in valid.items() if k != name}) for name in valid],
+        *[("object", {**valid, name: None}) for name in valid],
+        ("object", valid),
+        ("object", {**valid, "to": 2**64}),
+        ("object", {**valid, "to": Raw("-0", 0)}),
+        ("object", {**valid, "to": Raw("1e308", 1e308)}),
+        ("object", {**valid, "body": "\ud800"}),
+        ("object", {**valid, "cid": "\udfff"}),
+        ("object", {**valid, "cid": "x" * 65}),
+        ("object", {**valid, "cid": ""}),
+        ("object", {**valid, "body": ""}),
+        ("object", {**valid, "body": "x" * (MAX_BODY_CHARS + 1)}),
+        ("object", {"type": "ack", "seq": 2**63, "cid": "c"}),
+        ("object", {"type": "ack", "seq": Raw("1" + "0" * HUGE_DIGITS, 10**HUGE_DIGITS,
+                                              may_refuse=True)}),
+        ("object", {"type": "\ud800", "cid": "c"}),
+        ("object", Raw("[" * 100000 + "]" * 100000, [], may_refuse=True)),
+        ("object", {**valid, "x": Raw('{"a":' * 100000 + "1" + "}" * 100000, {},
+                                      may_refuse=True)}),
+        ("binary", b'{"type":"ping"}'),
+        ("binary", b"\xff\xfe\xed\xa0\x80"),
+        ("text", ""),
+        ("text", "null"),
+    ]
 
     @settings(max_examples=400, **HYPOTHESIS)
     @given(hostile_frames(ids))
@@ -570,10 +601,14 @@ def test_generated_frames_get_one_contract_answer_and_the_socket_stays_open(
         assert stored_by_a() == len(stored)
         assert not _errors_logged(caplog)
 
+    for frame in pinned:
+        check = example(frame)(check)
     check()
     print("\nanswers:", dict(seen.most_common()))
-    assert conv.client is not None
-    conv.client.ws.ping()  # the same connection is still alive after them all
+    # The connection is still serving after them all.
+    client = conv.client or a.connect()
+    client.send({"type": "ping"})
+    assert client.recv() == {"type": "pong"}
     conv.drop()
     wait_until(lambda: live_server.hub.conns.count() == 0, message="connection removed")
 
@@ -697,7 +732,7 @@ def test_protocol_abuse_closes_the_connection_and_releases_everything(live_serve
     baseline = threading.active_count()
     seen = Counter()
 
-    @settings(max_examples=120, **HYPOTHESIS)
+    @settings(max_examples=200, **HYPOTHESIS)
     @given(abuse())
     def check(case):
         caplog.clear()
@@ -792,12 +827,18 @@ def http_bodies(draw, ids, path=None):
         if path == "/api/messages" and draw(st.booleans()):
             wanted = ["group", "body", "cid"]
         obj = {key: draw(good[key]) for key in wanted}
-        for key in draw(st.sets(st.sampled_from(BODY_KEYS), max_size=2)):
-            choice = draw(st.sampled_from(["drop", "null", "hostile", "any"]))
+        fields = st.sampled_from(wanted or BODY_KEYS)
+        for key in draw(st.sets(st.one_of(fields, fields, st.sampled_from(BODY_KEYS)),
+                                max_size=2)):
+            choice = draw(st.sampled_from(["drop", "null", "hostile", "surrogate", "any"]))
             if choice == "drop":
                 obj.pop(key, None)
             elif choice == "null":
                 obj[key] = None
+            elif choice == "surrogate":
+                # Escaped in JSON as "\ud800": valid JSON, not valid Unicode text.
+                obj[key] = draw(st.builds(lambda a, x, b: a + x + b, st.text(max_size=9),
+                                          surrogates, st.text(max_size=9)))
             else:
                 obj[key] = draw(texts if choice == "hostile" else json_values)
         obj.update(draw(st.dictionaries(keys, json_values, max_size=2)))
@@ -840,7 +881,7 @@ query_values = st.one_of(
     st.lists(st.one_of(ints.map(str), st.text(max_size=3)), max_size=600).map(",".join),
 )
 query_keys = st.one_of(st.sampled_from(["with", "group", "before", "limit", "ids", "to",
-                                        "token"]), st.text(max_size=5))
+                                        "token", "username"]), st.text(max_size=5))
 query_strings = st.one_of(
     st.lists(st.tuples(query_keys, query_values), max_size=4).map(urllib.parse.urlencode),
     st.text(max_size=30).map(lambda t: urllib.parse.quote(t, safe="=&,")),
@@ -848,6 +889,18 @@ query_strings = st.one_of(
                      "&&&", "=", "ids", "with=1&group=1", "group=1&limit=101",
                      "with=2&before=0", "ids=" + ",".join(["1"] * 501)]),
 )
+
+
+def queries(ids):
+    """Query strings: hostile ones, and valid ones with one hostile parameter."""
+    a, b, c, g1, g2 = ids
+    base = st.sampled_from([[("with", b)], [("with", c)], [("group", g1)], [("group", g2)],
+                            [("ids", f"{a},{b},{c}")], [("ids", a)], [("to", b)],
+                            [("username", "hb")]])
+    extra = st.lists(st.tuples(st.sampled_from(["before", "limit", "with", "group", "ids"]),
+                               st.one_of(st.integers(1, 120), query_values)), max_size=2)
+    valid = st.builds(lambda x, y: urllib.parse.urlencode(x + y), base, extra)
+    return st.one_of(query_strings, valid, valid)
 
 
 def _check_http(resp):
@@ -901,8 +954,18 @@ def test_generated_http_bodies_get_json_envelopes_never_500(client, http_world, 
                lambda p: st.tuples(st.just(p), http_bodies(ids, p))),
            content_type=st.sampled_from(CONTENT_TYPES),
            gid=st.one_of(world_ids, segments),
-           query=st.one_of(st.just(""), query_strings),
+           query=st.one_of(st.just(""), queries(ids)),
            who=st.sampled_from(["ha", "ha", "hb", None]))
+    @example(request=("/api/groups", b'{"name": "\\ud800"}'), content_type=None,
+             gid="1", query="", who="ha")
+    @example(request=("/api/users", b"[" * 100000 + b"]" * 100000), content_type=None,
+             gid="1", query="", who=None)
+    @example(request=("/api/messages", b'{"a":' * 50000 + b"1" + b"}" * 50000),
+             content_type="application/json", gid="1", query="", who="ha")
+    @example(request=("/api/groups/{gid}/members", b'{"user_id": 1}'), content_type=None,
+             gid=str(2**63), query="", who="ha")
+    @example(request=("/api/groups/{gid}/members", b'{"user_id": 1}'), content_type=None,
+             gid="", query="", who="ha")
     def check(request, content_type, gid, query, who):
         path, body = request
         caplog.clear()
@@ -923,6 +986,7 @@ def test_generated_http_bodies_get_json_envelopes_never_500(client, http_world, 
 
 QUERY_ENDPOINTS = [("GET", "/api/messages"), ("GET", "/api/presence"),
                    ("GET", "/api/groups"), ("GET", "/api/groups/{gid}"), ("GET", "/api/me"),
+                   ("GET", "/api/users/{uid}"), ("GET", "/api/users"),
                    ("DELETE", "/api/groups/{gid}/members/{uid}"),
                    ("POST", "/api/groups/{gid}/members")]
 
@@ -935,10 +999,18 @@ def test_generated_paths_and_queries_get_json_envelopes_never_500(client, http_w
     gids = st.one_of(st.sampled_from([str(ids[3]), str(ids[4]), "999999"]), segments)
     uids = st.one_of(st.sampled_from([str(i) for i in ids[:3]]), segments)
 
-    @settings(max_examples=500, **HYPOTHESIS)
-    @given(endpoint=st.sampled_from(QUERY_ENDPOINTS), query=query_strings,
+    @settings(max_examples=800, **HYPOTHESIS)
+    @given(endpoint=st.sampled_from(QUERY_ENDPOINTS), query=queries(ids),
            gid=gids, uid=uids, who=st.sampled_from(["ha", "ha", "hb", "hc", None]),
            body=st.one_of(st.just(b""), http_bodies(ids)))
+    @example(endpoint=("GET", "/api/groups/{gid}"), query="", gid=str(2**63), uid="1",
+             who="ha", body=b"")
+    @example(endpoint=("DELETE", "/api/groups/{gid}/members/{uid}"), query="",
+             gid=str(ids[3]), uid="9" * 30, who="ha", body=b"")
+    @example(endpoint=("GET", "/api/users/{uid}"), query="", gid="1", uid=str(2**63),
+             who="ha", body=b"")
+    @example(endpoint=("GET", "/api/messages"), query="with=1&before=" + "9" * 4301,
+             gid="1", uid="1", who="ha", body=b"")
     def check(endpoint, query, gid, uid, who, body):
         caplog.clear()
         method, path = endpoint
@@ -1053,12 +1125,16 @@ def test_garbage_tokens_get_401_unauthorized_on_api_and_ws(app, client, live_ser
     user_ids = {user.id}
     seen = Counter()
 
-    @settings(max_examples=300, **HYPOTHESIS)
+    @settings(max_examples=400, **HYPOTHESIS)
     @given(token=garbage_tokens(user.token, sign),
            where=st.sampled_from(["bearer", "bearer_lower", "raw_header", "query",
                                   "query_and_bad_header", "basic"]),
            target=st.sampled_from(["me", "me", "ws"]),
            junk=st.sampled_from(["", "%ff", "%zz", "&token=", "&token=%00"]))
+    @example(token=sign({"u": 2**63, "e": 2**62}), where="bearer", target="me", junk="")
+    @example(token=sign({"u": 2**64, "e": 2**62}), where="query", target="ws", junk="")
+    @example(token=sign({"u": True, "e": 2**62}), where="bearer", target="me", junk="")
+    @example(token=sign({"u": user.id, "e": 1}), where="bearer", target="ws", junk="")
     def check(token, where, target, junk):
         caplog.clear()
         # Make sure a signed payload really is garbage.

@@ -677,14 +677,14 @@ def test_history_pages_through_120_messages_exactly_once(make_user, live_server)
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", ["/nope", "/api/nope", "/api/users/1", "/api/groups/abc"])
+@pytest.mark.parametrize("path", ["/nope", "/api/nope", "/api/users/1/x", "/api/groups/abc"])
 def test_unknown_route_answers_404_json(make_user, live_server, path):
     """An unknown route answers 404 not_found in the JSON envelope, never HTML."""
     user = make_user()
     assert_error(live_server, "GET", path, 404, "not_found", token=user.token)
 
 
-@pytest.mark.parametrize("method,path", [("GET", "/api/users"), ("PUT", "/api/tokens"),
+@pytest.mark.parametrize("method,path", [("DELETE", "/api/users"), ("PUT", "/api/tokens"),
                                          ("DELETE", "/api/me"), ("POST", "/healthz")])
 def test_wrong_method_answers_405_json(live_server, method, path):
     """A known route with the wrong method answers 405 in the JSON envelope."""

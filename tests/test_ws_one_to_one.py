@@ -479,3 +479,29 @@ def test_compression_is_not_negotiated_by_default(live_server):
     ws = live_server.user().connect(compression="deflate")
     assert "Sec-WebSocket-Extensions" not in ws.ws.response.headers
     ws.close()
+
+
+def test_one_failing_write_does_not_fail_the_others_of_its_batch(live_server):
+    """An operation that breaks its transaction fails alone; its batch-mates are stored."""
+    import concurrent.futures
+
+    alice, bob = live_server.user(), live_server.user()
+    store = live_server.hub.store
+    broken = concurrent.futures.Future()
+    gate = threading.Event()
+
+    def blocker(db):
+        gate.wait(T)  # hold the writer so the next operations share a batch
+        return None, None
+
+    def faulty(db):
+        store._execute("INSERT INTO no_such_table VALUES (1)")
+        return None, None
+
+    store.committer.submit(blocker)
+    broken = store.committer.submit(faulty)
+    good = [store.send(alice.id, f"m{i}", f"ok{i}", to=bob.id) for i in range(5)]
+    gate.set()
+    assert all(f.result(T).new for f in good)
+    assert broken.exception(T) is not None
+    assert store.cursor(bob.id)[1] == 5
