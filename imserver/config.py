@@ -51,9 +51,6 @@ DEFAULTS = {
     # Open WebSockets one process accepts; past it the upgrade is refused
     # with 503. None: 10,000 (``imserver serve`` sets it from --threads).
     "MAX_CONNECTIONS": None,
-    # Frames received but not yet handled for one connection, at most; past
-    # it the server stops reading that socket until the handler catches up.
-    "MAX_PENDING_FRAMES": 256,
     # Registration and login attempts per client address: a second, and the
     # burst allowed above it (429 past it).
     "AUTH_RATE_LIMIT": 0.2,

@@ -51,6 +51,16 @@ def text_frame(payload: bytes) -> bytes:
     return header + payload
 
 
+# A WebSocket ping with no payload, as the server sends it.
+PING_FRAME = b"\x89\x00"
+
+
+def close_frame(code: int, reason: str) -> bytes:
+    """Frame a WebSocket close with ``code`` and ``reason`` (at most 123 bytes)."""
+    payload = struct.pack("!H", code) + reason.encode()[:123]
+    return bytes((0x88, len(payload))) + payload
+
+
 class SlowReceiver(ConnectionError):
     """The client did not read its frames in time; the connection is aborted."""
 
@@ -86,15 +96,6 @@ class BufferedSocket:
         self._drained = threading.Condition(self._lock)
         self.last_recv = time.monotonic()
         self.peer = _peer(sock)
-        # Called once the socket is finally closed (by the reader thread).
-        self.on_close = None
-        # Backpressure on reading: ``backlog()`` tells how many frames wait
-        # for the handler; past ``max_backlog`` the reader stops reading
-        # (the client's TCP window closes) until ``room`` is set again.
-        self.backlog = None
-        self.max_backlog = 0
-        self.room = threading.Event()
-        self.room.set()
 
     # -- the socket interface ---------------------------------------------
 
@@ -102,17 +103,7 @@ class BufferedSocket:
         return self._sock.fileno()
 
     def recv(self, size: int) -> bytes:
-        """Receive from the client and note the time, for the heartbeat.
-
-        Waits first while the handler has too many frames to handle, so that
-        a client sending faster than it is served cannot grow our memory.
-        """
-        backlog = self.backlog
-        if backlog is not None and backlog() >= self.max_backlog:
-            self.room.clear()
-            # Re-check after clear: the handler may have made room meanwhile.
-            while backlog() >= self.max_backlog and self._error is None:
-                self.room.wait(1.0)
+        """Receive from the client and note the time, for the heartbeat."""
         data = self._sock.recv(size)
         self.last_recv = time.monotonic()
         return data
@@ -171,9 +162,6 @@ class BufferedSocket:
             self._sock.close()
         except OSError:
             pass
-        on_close, self.on_close = self.on_close, None
-        if on_close is not None:
-            on_close()
 
     # -- what imserver adds -------------------------------------------------
 

@@ -1,23 +1,30 @@
-"""The WebSocket endpoint ``/ws``: one handler thread per connection.
+"""The WebSocket endpoint ``/ws``: one thread per connection.
 
 The Go article runs one goroutine per connection that reads the client's
 frames; flask-sock runs our handler in one server thread per connection
-(gunicorn's gthread pool, or werkzeug's thread), and simple-websocket adds a
-reader thread that parses the socket into frames for ``ws.receive()``.
+(gunicorn's gthread pool, or werkzeug's thread). simple-websocket would add
+a second thread per connection, its reader, and hand every frame from it to
+the handler: two threads per connection and a thread switch per frame, the
+wall that thread-per-connection servers hit with thousands of clients. So
+``InlineReader`` (simple-websocket's ``thread_class`` option) never starts
+that thread, and the handler reads its own socket, like the goroutine:
+``_frames`` feeds the bytes to simple-websocket's protocol code and yields
+each complete text or binary frame, while pings, pongs and close frames are
+answered there as before.
 
 The life of a connection:
 
 1. ``before_request`` (before the upgrade): check the token, else answer 401
    and never upgrade; put a ``BufferedSocket`` in place of the raw socket so
-   that every write (ours and simple-websocket's pongs and close replies) is
-   queued whole, in order, and never blocks.
+   that every write (of any thread, simple-websocket's pongs and close
+   replies included) is queued whole, in order, and never blocks.
 2. The handler sends ``ready``, registers the connection in the
    ``ConnManager`` at the user's acked cursor (a previous connection of the
    user is closed with 4001 ``replaced``), and replays every inbox entry
    above the cursor from the database. Live entries committed meanwhile are
    held by the connection's wrapper and written right after the replayed
    ones: no gap, no reordering, nothing twice.
-3. It loops on ``ws.receive()``: ``send`` is queued to the writer and
+3. It reads frames from its socket: ``send`` is queued to the writer and
    answered ``sent`` after the commit; ``ack`` moves the cursor; ``ping`` is
    answered ``pong``; anything else gets an ``error`` frame, and the
    connection stays open.
@@ -35,7 +42,6 @@ from flask import g
 from flask import request
 from flask_sock import Sock
 from simple_websocket import ConnectionClosed
-from wsproto.events import Ping as WsPing
 
 from imserver import delivery
 from imserver.auth import authenticate
@@ -53,6 +59,8 @@ from imserver.protocol import encode_sent
 from imserver.protocol import parse_frame
 from imserver.transport import BufferedSocket
 from imserver.transport import SlowReceiver
+from imserver.transport import PING_FRAME
+from imserver.transport import close_frame
 from imserver.transport import text_frame
 
 logger = logging.getLogger(__name__)
@@ -65,20 +73,58 @@ sock = Sock()
 SOCKET_CODES = frozenset({"bad_json", "bad_frame", "unknown_type", "not_found",
                           "forbidden", "body_too_long", "rate_limited", "internal"})
 
-# Seconds the handler waits for a frame before checking the connection anyway.
-RECEIVE_WAKE = 30.0
+# Bytes read from the socket at once.
+RECEIVE_BYTES = 65536
 
 # The WSGI environ keys under which servers hand over the client's socket.
 _SOCKET_KEYS = ("gunicorn.socket", "werkzeug.socket")
+
+
+class InlineReader:
+    """A ``thread_class`` for simple-websocket that starts no thread.
+
+    simple-websocket builds ``thread_class(target=...)`` and starts it to
+    read the socket; our handler thread reads it instead (``_frames``).
+    """
+
+    def __init__(self, target=None, **kwargs) -> None:
+        self.name = "imserver-inline-reader"
+
+    def start(self) -> None:
+        """Start nothing: the handler thread is the reader."""
+
+
+def _frames(ws, bsock: "BufferedSocket"):
+    """Yield each text or binary frame the client sends, in the calling thread.
+
+    simple-websocket's protocol code (``_handle_events``) answers pings and
+    close frames and enforces ``max_message_size`` (1009); complete messages
+    land in ``input_buffer``, which this drains. Ends when the connection
+    closes, from either side: a close by another thread (replace, kick,
+    heartbeat, shutdown) shuts the socket down, and ``recv`` returns.
+    """
+    while ws.connected:
+        try:
+            data = bsock.recv(RECEIVE_BYTES)
+        except OSError:
+            data = b""
+        if not data:
+            ws.connected = False
+            break
+        ws.ws.receive_data(data)
+        ws.connected = ws._handle_events()
+        while ws.input_buffer:
+            yield ws.input_buffer.pop(0)
 
 
 class Session:
     """One WebSocket as the ``ConnManager`` sees it: ``send``, ``close``, ``ping``.
 
     The ``ConnManager`` wrapper's lock serializes calls to ``send``,
-    ``close`` and ``ping``; simple-websocket's reader thread writes its
-    pongs and close replies through the same ``BufferedSocket``, which keeps
-    every frame whole.
+    ``close`` and ``ping``; the handler thread writes its pongs and close
+    replies through the same ``BufferedSocket``, which keeps every frame
+    whole. Frames written by other threads are built here, never by wsproto,
+    whose state only the handler thread touches.
     """
 
     def __init__(self, ws, bsock: BufferedSocket, token: str,
@@ -90,12 +136,6 @@ class Session:
         self._frame_directly = not extensions
         # Names this connection across processes (presence, replace).
         self.token = token
-        # simple-websocket's reader can end after the handler last checked
-        # ``connected`` and before it waits again (its 1009 path sets the
-        # event first): wake the handler when the socket is finally closed.
-        bsock.on_close = ws.event.set
-        # Stop reading a client that sends faster than it is served.
-        bsock.backlog = ws.input_buffer.__len__
 
     def send(self, text: str) -> None:
         """Queue one text frame; raise ``ConnectionClosed`` once closed."""
@@ -110,17 +150,20 @@ class Session:
         """Queue a WebSocket ping; the client's pong counts as activity."""
         if not self.ws.connected:
             raise ConnectionClosed(self.ws.close_reason, self.ws.close_message)
-        self.bsock.send(self.ws.ws.send(WsPing()))
+        self.bsock.send(PING_FRAME)
 
     def close(self, code: int, reason: str) -> None:
-        """Write a close frame, then shut the socket down once it is written."""
-        try:
-            self.ws.close(code, reason)
-        except (ConnectionClosed, OSError):
-            pass
-        except Exception as exc:
-            # wsproto refuses a close frame in some states: the socket goes anyway.
-            logger.debug("close frame not sent: %r", exc)
+        """Write a close frame, then shut the socket down once it is written.
+
+        Go: ``WriteMessage(CloseMessage, ...)`` then ``conn.Close()``. The
+        handler thread, reading, sees the end of the stream and finishes.
+        """
+        if self.ws.connected:
+            self.ws.connected = False
+            try:
+                self.bsock.send(close_frame(code, reason))
+            except OSError:
+                pass
         self.bsock.shutdown_after_flush()
 
     def idle_for(self) -> float:
@@ -154,7 +197,6 @@ def check_token_before_upgrade():
         if raw is not None:
             bsock = BufferedSocket(raw, hub.flusher, hub.config["SEND_TIMEOUT"],
                                    hub.config["MAX_OUTBUF_BYTES"])
-            bsock.max_backlog = hub.config["MAX_PENDING_FRAMES"]
             if hub.config["SOCKET_SEND_BUFFER"]:
                 bsock.set_send_buffer(hub.config["SOCKET_SEND_BUFFER"])
             environ[key] = bsock
@@ -188,25 +230,26 @@ def _serve(hub, ws, user_id: int) -> None:
     # Present here, with ``ready`` written before anything else can be: the
     # first frame the client gets. A connection of this user here is closed
     # with 4001 replaced.
-    wrapper = hub.conns.set_conn(user_id, session, last_seq=acked,
-                                 first_frame=encode_ready(user_id))
+    try:
+        wrapper = hub.conns.set_conn(user_id, session, last_seq=acked,
+                                     first_frame=encode_ready(user_id))
+    except ConnectionError as exc:
+        # The client left before its first frame: nothing was registered.
+        hub.broker.unregister(user_id, session.token)
+        session.bsock.close()
+        logger.info("disconnected user_id=%s reason=gone before ready (%s)", user_id,
+                    exc.__class__.__name__)
+        return
     reason = "closed by client"
     try:
         # Offline: everything above the cursor, then the held live entries.
         hub.catch_up(wrapper)
         max_body = hub.config["MAX_BODY_CHARS"]
-        while True:
-            # A close by another thread (replace, kick, heartbeat, shutdown)
-            # shuts the socket down, which ends the reader, which wakes this;
-            # the timeout is only a safety net.
-            text = ws.receive(timeout=RECEIVE_WAKE)
-            if not session.bsock.room.is_set() and len(ws.input_buffer) < 16:
-                session.bsock.room.set()
-            if text is None:
-                if not ws.connected:
-                    raise ConnectionClosed(ws.close_reason, ws.close_message)
-                continue
+        # Go: the goroutine's read loop. A client sending faster than this
+        # loop serves it is simply not read meanwhile (TCP backpressure).
+        for text in _frames(ws, session.bsock):
             _handle(hub, wrapper, user_id, text, max_body)
+        reason = f"closed code={ws.close_reason}"
     except ConnectionClosed:
         reason = f"closed code={ws.close_reason}"
     except ConnectionError as exc:
@@ -222,6 +265,7 @@ def _serve(hub, ws, user_id: int) -> None:
         # Let the close frame go out and the socket shut down before the
         # server takes the socket back (werkzeug writes a response on it).
         session.wait_drained(1, hub.config["SEND_TIMEOUT"])
+        session.bsock.close()
         hub.metrics.closed.inc()
         if isinstance(session.bsock.error, SlowReceiver):
             logger.warning("closed slow receiver user_id=%s reason=%s", user_id,
@@ -289,5 +333,7 @@ def init_app(app) -> None:
     app.config.setdefault("SOCK_SERVER_OPTIONS", {})
     # simple-websocket closes with 1009 past this size itself.
     app.config["SOCK_SERVER_OPTIONS"]["max_message_size"] = app.config["MAX_FRAME_BYTES"]
+    # The handler thread reads its own socket: no second thread per connection.
+    app.config["SOCK_SERVER_OPTIONS"]["thread_class"] = InlineReader
     sock.init_app(app)
     app.register_blueprint(bp)

@@ -63,38 +63,50 @@ def test_repeated_failed_logins_lock_the_username_for_a_while(live_server):
     assert status == 200
 
 
-@pytest.mark.parametrize("config_overrides", [{"MAX_PENDING_FRAMES": 8}])
-def test_a_flooding_client_cannot_grow_the_frames_waiting_for_its_handler(live_server):
-    """The reader stops reading a client whose handler is behind (bounded backlog)."""
-    user = live_server.user()
-    raw = RawClient(live_server.port, user.token)
-    raw.read_frame()
-    wait_until(lambda: live_server.hub.conns.count() == 1, message="registered")
-    session = live_server.hub.conns.wrappers()[0].conn
-    most = [0]
-    done = threading.Event()
-
-    def sample():
-        while not done.is_set():
-            most[0] = max(most[0], len(session.ws.input_buffer))
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    frame = json.dumps({"type": "ack", "seq": 0}).encode()
+def test_each_connection_costs_one_thread_and_a_flood_is_read_as_served(live_server):
+    """One thread per connection (the handler reads its own socket), and a
+    flooding client's frames wait in its socket, not in our memory."""
+    users = [live_server.user() for _ in range(20)]
+    before = threading.active_count()
+    clients = [RawClient(live_server.port, u.token) for u in users]
     try:
-        for _ in range(20_000):
-            raw.send_frame(frame)
-        raw.send_frame(json.dumps({"type": "ping"}).encode())
-        while True:
-            opcode, payload = raw.read_frame()
-            if opcode == 0x1 and json.loads(payload)["type"] == "pong":
-                break
+        for raw in clients:
+            raw.read_frame()
+        wait_until(lambda: live_server.hub.conns.count() == 20, message="all registered")
+        # werkzeug's one thread per connection, and nothing more (two per
+        # connection would be 40; a few HTTP threads may still be ending).
+        assert threading.active_count() - before <= 25
+        session = live_server.hub.conns._get_wrapper(users[0].id).conn
+        most = [0]
+        done = threading.Event()
+
+        def sample():
+            while not done.is_set():
+                most[0] = max(most[0], len(session.ws.input_buffer))
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        frame = json.dumps({"type": "ack", "seq": 0}).encode()
+        raw = clients[0]
+        try:
+            for _ in range(20_000):
+                raw.send_frame(frame)
+            raw.send_frame(json.dumps({"type": "ping"}).encode())
+            while True:
+                opcode, payload = raw.read_frame()
+                if opcode == 0x1 and json.loads(payload)["type"] == "pong":
+                    break
+        finally:
+            done.set()
+            sampler.join(T)
+        # At most what one read of the socket holds is parsed ahead.
+        from imserver.ws import RECEIVE_BYTES
+
+        assert most[0] <= RECEIVE_BYTES // len(frame) + 1
     finally:
-        done.set()
-        sampler.join(T)
-        raw.close()
-    # One read of 4 KiB holds at most ~200 of these frames past the bound.
-    assert most[0] <= 8 + 4096 // len(frame) + 1
+        for raw in clients:
+            raw.close()
+    wait_until(lambda: threading.active_count() <= before, message="threads released")
 
 
 def test_tokens_never_reach_the_request_log(live_server, caplog):
