@@ -1,10 +1,12 @@
 """Socket writes that never block the writer and never interleave frames.
 
-simple-websocket writes with a bare ``sock.send`` from two threads (our
-handler's ``send`` and its own reader thread, which answers pings and close
-frames), ignores short writes (simple-websocket issue #45), and blocks
-forever on a client that stopped reading. ``BufferedSocket`` is put in place
-of the raw socket, so every write of both threads goes through it:
+Many threads write one client's socket: its handler (``pong``, ``error``,
+and simple-websocket's answers to pings and close frames), the writer
+(``sent`` and inbox entries), the heartbeat (pings), whoever closes it.
+simple-websocket writes with a bare ``sock.send``, ignores short writes
+(simple-websocket issue #45), and blocks forever on a client that stopped
+reading. ``BufferedSocket`` is put in place of the raw socket, so every
+write of every thread goes through it:
 
 - each ``send(data)`` appends ``data`` whole to one ordered outgoing buffer
   under a lock, so frames from different threads never interleave;
@@ -145,8 +147,8 @@ class BufferedSocket:
     def close(self) -> None:
         """Close the socket once what is queued is written.
 
-        simple-websocket's reader calls this last, often right after queueing
-        a close frame (a reply, or 1009): that frame still goes out first.
+        The handler calls this last, often right after a close frame was
+        queued (a reply, or 1009): that frame still goes out first.
         """
         with self._lock:
             if self._out and self._error is None:

@@ -112,7 +112,9 @@ def _frames(ws, bsock: "BufferedSocket"):
             ws.connected = False
             break
         ws.ws.receive_data(data)
-        ws.connected = ws._handle_events()
+        keep_going = ws._handle_events()
+        # Another thread may have closed the connection meanwhile: keep that.
+        ws.connected = keep_going and ws.connected
         while ws.input_buffer:
             yield ws.input_buffer.pop(0)
 

@@ -74,9 +74,10 @@ skipped with a message without it) and the servers' logs in ``<out>/logs/``
 (scanned for errors, worker timeouts and restarts, which the table reports).
 Figures vary by 20-30 % from run to run: compare within one run.
 
-Limits of one machine: every connection holds two server threads, and
-``kernel.pid_max`` (32768 here) caps a machine at about 16,000 connections;
-the server's ``--threads`` is set above C. The bench raises its own
+Limits of one machine: an imserver connection holds one server thread (the
+bare relay's two: flask-sock's handler and simple-websocket's reader), and
+``kernel.pid_max`` (32768 here) caps the threads of the machine; the
+server's ``--threads`` is set above C. The bench raises its own
 RLIMIT_NOFILE to the hard limit (the servers inherit it).
 
 Usage::
@@ -1146,7 +1147,7 @@ async def _idle(server: Server, users: list, args) -> dict:
     conns, failures, open_s = await open_many(server, users, concurrency=args.connect_concurrency,
                                               timeout=args.connect_timeout)
     live = [c for c in conns if c is not None]
-    # Let the server settle (handler threads parked, the reader threads started).
+    # Let the server settle (every handler thread started and parked in recv).
     await asyncio.sleep(1.0)
     opened = server.memory()
     gc.collect()

@@ -50,8 +50,8 @@ WORDS = frozenset({
     "ready", "send", "sent", "message", "ack", "ping", "pong", "error",
     "replaced", "kicked", "seq", "connected",
     # other tools' settings and names
-    "SOCK_SERVER_OPTIONS", "max_message_size", "ping_interval", "before_request",
-    "teardown_request", "imserver_connections",
+    "SOCK_SERVER_OPTIONS", "max_message_size", "ping_interval", "thread_class",
+    "before_request", "teardown_request", "imserver_connections",
     # Python
     "None", "dict", "any", "with", "finally",
 })
