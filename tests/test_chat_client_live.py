@@ -23,7 +23,11 @@ class Lines:
         self._lines.put("")
 
     def readline(self):
-        return self._lines.get(timeout=T * 4)
+        # The client's input thread may outlive the test: end of input then.
+        try:
+            return self._lines.get(timeout=T * 4)
+        except queue.Empty:
+            return ""
 
 
 class Screen(io.StringIO):
