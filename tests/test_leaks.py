@@ -174,9 +174,10 @@ def test_rude_clients_leak_no_thread_descriptor_or_connection(server):
 
     def settled():
         threads, fds, conns = worker_state(server)
-        # gunicorn's pool keeps idle threads it started; they are not leaks,
-        # so threads may only be compared against the pool's size bound.
-        return (conns == 0 and fds <= base_fds + 2 and threads <= base_threads + 60
+        # gunicorn's pool keeps the idle threads it started (up to --threads,
+        # 200 here), so threads are bounded by the pool, not the baseline: a
+        # leaked connection shows as a descriptor and a connection instead.
+        return (conns == 0 and fds <= base_fds + 2 and threads <= base_threads + 200
                 and sqlite_fds(server) <= 40)
 
     wait_until(settled, T * 12, f"back to baseline (was {base_threads} threads, "
