@@ -8,7 +8,7 @@ durability, no ordering guarantees beyond one lock, no heartbeat, no slow
 receiver protection. What the bench measures on it is the ceiling of the
 transport; every imserver figure is printed as a ratio to it.
 
-It speaks the subset of the contract (``/work/shared/spec/protocol.md``) that
+It speaks the subset of the contract (``docs/protocol.md``) that
 the load generator uses, so one generator drives both servers:
 
 - ``POST /api/users`` ``{"username", "password"}`` -> 201 ``{"id", "username"}``
