@@ -7,19 +7,19 @@ wraps the map and owns the operations: ``SetConn``, ``getWrapper``,
 ``SendMessage``, ``CloseAndDeleteConn`` and ``Count``. This module is that
 design in Python, method for method:
 
-=========================  =====================================
+=========================  ==========================================
 Go                         Python
-=========================  =====================================
+=========================  ==========================================
 ``connWrapper``            ``ConnWrapper``
 ``connWrapper.mu``         ``ConnWrapper.lock`` (``threading.Lock``)
 ``ConnManager.connMap``    ``ConnManager._conns`` (dict + ``_lock``)
 ``SetConn``                ``set_conn``
 ``getWrapper``             ``_get_wrapper``
-``SendMessage``            ``send_message``
+``SendMessage``            ``send_message`` (``send_entry`` for seqs)
 ``CloseAndDeleteConn``     ``close_and_delete_conn``
 ``Count``                  ``count``
-(the article's "群发")      ``send_many``, ``send_entries``
-=========================  =====================================
+the article's fan-out      ``send_many``, ``send_entries``
+=========================  ==========================================
 
 A connection is any object with ``send(text)`` and ``close(code, reason)``;
 the WebSocket handler passes its session, unit tests pass fakes. Any
