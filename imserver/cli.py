@@ -95,26 +95,26 @@ def admin():
     """Administer users."""
 
 
+def _set_admin(username: str, is_admin: bool, done: str) -> None:
+    """Set the admin flag of ``username``; exit 1 if there is no such user."""
+    if not current_app.extensions["imserver"].store.set_admin(username, is_admin):
+        click.echo(f"no user {username!r}", err=True)
+        sys.exit(1)
+    click.echo(done)
+
+
 @admin.command("grant")
 @click.argument("username")
 def admin_grant(username):
     """Give USERNAME the admin flag."""
-    hub = current_app.extensions["imserver"]
-    if not hub.store.set_admin(username, True):
-        click.echo(f"no user {username!r}", err=True)
-        sys.exit(1)
-    click.echo(f"{username} is an admin")
+    _set_admin(username, True, f"{username} is an admin")
 
 
 @admin.command("revoke")
 @click.argument("username")
 def admin_revoke(username):
     """Take the admin flag from USERNAME."""
-    hub = current_app.extensions["imserver"]
-    if not hub.store.set_admin(username, False):
-        click.echo(f"no user {username!r}", err=True)
-        sys.exit(1)
-    click.echo(f"{username} is no longer an admin")
+    _set_admin(username, False, f"{username} is no longer an admin")
 
 
 cli.add_command(chat_command)
