@@ -73,8 +73,9 @@ sock = Sock()
 SOCKET_CODES = frozenset({"bad_json", "bad_frame", "unknown_type", "not_found",
                           "forbidden", "body_too_long", "rate_limited", "internal"})
 
-# Bytes read from the socket at once.
-RECEIVE_BYTES = 65536
+# Bytes read from the socket at once. Each blocked read holds a buffer this
+# size, so it is kept small: thousands of idle connections wait in recv.
+RECEIVE_BYTES = 8192
 
 # The WSGI environ keys under which servers hand over the client's socket.
 _SOCKET_KEYS = ("gunicorn.socket", "werkzeug.socket")

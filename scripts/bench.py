@@ -1811,8 +1811,8 @@ def setup_process(args) -> list:
     try:
         with open("/proc/sys/kernel/pid_max") as f:
             pid_max = int(f.read())
-        notes.append(f"kernel.pid_max {pid_max}: about {pid_max // 2:,} connections at two "
-                     "server threads each")
+        notes.append(f"kernel.pid_max {pid_max}: the threads of the whole machine (imserver "
+                     "holds one a connection, the bare relay two)")
     except OSError:
         pid_max = None
     if "idle" in args.scenarios:

@@ -10,6 +10,8 @@ import base64
 import os
 import socket
 import struct
+import subprocess
+import sys
 
 import pytest
 from conftest import T
@@ -182,6 +184,13 @@ def test_rude_clients_leak_no_thread_descriptor_or_connection(server):
 
     wait_until(settled, T * 12, f"back to baseline (was {base_threads} threads, "
                                f"{base_fds} fds): now {worker_state(server)}")
+    # And ConnManager.count() of the worker (admin stats) is back to zero.
+    admin = server.user()
+    subprocess.run([sys.executable, "-c", "from imserver.cli import main; main()",
+                    "admin", "grant", admin.name], env=server.env, cwd=str(server.tmp_path),
+                   check=True, capture_output=True, timeout=T * 6)
+    status, stats = server.request("GET", "/api/admin/stats", token=admin.token)
+    assert status == 200 and stats["connections"] == 0, stats
     # And the server still serves.
     ws = user.connect()
     ws.send({"type": "ping"})
