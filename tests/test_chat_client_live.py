@@ -64,10 +64,10 @@ def test_two_terminal_clients_chat_and_get_offline_messages(live_server):
                                     token=alice.token)
     assert status == 201
     b_in, b_out, b_thread, b_result = start(live_server, bob)
-    wait_until(lambda: f"{alice.name} -> me: are you there?" in b_out.text(), T * 2,
+    wait_until(lambda: f"{alice.name} -> me: are you there?" in b_out.text(), T * 4,
                "offline message shown")
     a_in, a_out, a_thread, a_result = start(live_server, alice)
-    wait_until(lambda: "connected as" in a_out.text(), T * 2, "alice connected")
+    wait_until(lambda: "connected as" in a_out.text(), T * 4, "alice connected")
     a_in.feed(f"/to {bob.name} hello from the terminal")
     wait_until(lambda: f"{alice.name} -> me: hello from the terminal" in b_out.text(),
                T * 2, "live message shown")
