@@ -31,14 +31,13 @@ class Heartbeat:
     """Ping, reap idle connections and repair gaps, from one thread."""
 
     def __init__(self, conns: ConnManager, ping_interval: float, idle_timeout: float,
-                 on_gap=None, on_idle=None, on_tick=None) -> None:
+                 on_gap=None, on_tick=None) -> None:
         self.conns = conns
         # Called once a round, for the app's periodic work.
         self.on_tick = on_tick
         self.ping_interval = ping_interval
         self.idle_timeout = idle_timeout
         self.on_gap = on_gap
-        self.on_idle = on_idle
         self.tick = max(0.05, min(1.0, ping_interval / 2, idle_timeout / 4))
         # ConnWrapper -> monotonic time of its last ping; only this thread uses it.
         self._last_ping: dict = {}
@@ -68,8 +67,6 @@ class Heartbeat:
                 logger.info("closing idle connection user_id=%s", wrapper.user_id)
                 self.conns.close_and_delete_conn(wrapper.user_id, CLOSE_IDLE,
                                                  "idle timeout", expected=wrapper)
-                if self.on_idle is not None:
-                    self.on_idle(wrapper)
                 continue
             # A new connection is first pinged one interval after it is seen.
             last = self._last_ping.setdefault(wrapper, now)

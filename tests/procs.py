@@ -251,6 +251,34 @@ class ServerProcess(LiveServer):
         return server
 
 
+class ServerPool:
+    """Start ``ServerProcess`` objects for one test; clean up what is left.
+
+    Call it to start a server, ``restart(server)`` for a new one on the
+    same database; ``close(print_logs)`` kills whatever still runs.
+    """
+
+    def __init__(self, tmp_path) -> None:
+        self.tmp_path = tmp_path
+        self.started = []
+
+    def __call__(self, **kwargs) -> "ServerProcess":
+        server = ServerProcess(self.tmp_path, **kwargs)
+        self.started.append(server)
+        return server
+
+    def restart(self, server: "ServerProcess", **kwargs) -> "ServerProcess":
+        new = server.restart(**kwargs)
+        self.started.append(new)
+        return new
+
+    def close(self, print_logs: bool = False) -> None:
+        for server in self.started:
+            if print_logs:
+                print(f"---- server log {server.log_path} ----\n{server.log()}")
+            server.cleanup()
+
+
 class RawWebSocket:
     """A WebSocket client on a bare socket that does only what the test says.
 

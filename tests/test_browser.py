@@ -33,7 +33,7 @@ from browser import PHONE
 from browser import RECONNECT_WAIT
 from browser import WAIT
 from browser import ChatPage
-from procs import ServerProcess
+from procs import ServerPool
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -79,27 +79,12 @@ def chromium():
 
 @pytest.fixture
 def servers(tmp_path, request):
-    """Start ``ServerProcess`` objects; kill whatever is left at teardown."""
-    started = []
-
-    def start(**kwargs):
-        server = ServerProcess(tmp_path, **kwargs)
-        started.append(server)
-        return server
-
-    def restart(server, **kwargs):
-        new = server.restart(**kwargs)
-        started.append(new)
-        return new
-
-    start.restart = restart
+    """Start ``ServerProcess`` objects; kill whatever is left at teardown,
+    printing their logs if the test failed."""
+    pool = ServerPool(tmp_path)
     failed_before = request.session.testsfailed
-    yield start
-    if request.session.testsfailed > failed_before:
-        for server in started:
-            print(f"---- server log {server.log_path} ----\n{server.log()}")
-    for server in started:
-        server.cleanup()
+    yield pool
+    pool.close(print_logs=request.session.testsfailed > failed_before)
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from websockets.exceptions import ConnectionClosed
 
 from conftest import T
 from procs import RawWebSocket
-from procs import ServerProcess
+from procs import ServerPool
 from procs import free_port
 from procs import serve_argv
 from procs import server_env
@@ -27,22 +27,9 @@ from procs import server_env
 @pytest.fixture
 def servers(tmp_path):
     """Start ``ServerProcess`` objects; kill whatever is left at teardown."""
-    started = []
-
-    def start(**kwargs):
-        server = ServerProcess(tmp_path, **kwargs)
-        started.append(server)
-        return server
-
-    def restart(server, **kwargs):
-        new = server.restart(**kwargs)
-        started.append(new)
-        return new
-
-    start.restart = restart
-    yield start
-    for server in started:
-        server.cleanup()
+    pool = ServerPool(tmp_path)
+    yield pool
+    pool.close()
 
 
 def drain_until_pong(client, timeout=3 * T):
