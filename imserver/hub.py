@@ -51,7 +51,9 @@ class Hub:
         self.committer = Committer(database, batch=config["COMMIT_BATCH"],
                                    on_commit=self._on_commit,
                                    observe=self.metrics.observe_commit)
-        self.store = Store(database, self.committer)
+        self.store = Store(database, self.committer,
+                           on_new_messages=self.metrics.messages.inc)
+        self.committer.cork = self.flusher.corked
         # Connection tokens: "<node>/<n>", unique per connection.
         self._tokens = itertools.count(1)
         if config["REDIS_URL"]:

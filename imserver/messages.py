@@ -41,9 +41,9 @@ def post_message():
     if cid is not None and not (isinstance(cid, str) and 1 <= len(cid) <= MAX_CID_CHARS
                                 and is_text(cid)):
         raise BadFrame("'cid' must be a string of 1 to 64 characters")
-    future = delivery.submit(current_hub(), g.user_id, data.get("body"), cid, to=to,
+    pending = delivery.submit(current_hub(), g.user_id, data.get("body"), cid, to=to,
                              group=data.get("group"))
-    return future.result(COMMIT_WAIT).message, 201
+    return pending.result(COMMIT_WAIT).message, 201
 
 
 @bp.get("/messages")

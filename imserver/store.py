@@ -5,8 +5,8 @@ whatever operations are waiting (up to ``COMMIT_BATCH``) and runs them in one
 transaction: a group commit, as the Go server behind our measurements does.
 One writer means no two threads of a process ever fight for SQLite's write
 lock, and one commit (one WAL append) serves many messages. The caller gets a
-``concurrent.futures.Future`` resolved only after the commit: that is the
-contract's "store first: ``sent`` only after the commit". What the commit
+``Pending`` resolved only after the commit, or has its callback called then:
+that is the contract's "store first: ``sent`` only after the commit". What the commit
 makes deliverable (inbox entries) is handed, in commit order, to the
 ``on_commit`` callback given by the app.
 
@@ -16,7 +16,7 @@ Imports: peewee, stdlib, ``imserver.models``, ``imserver.errors``,
 ``imserver.protocol`` (frame encoding). Never Flask.
 """
 
-import concurrent.futures
+import collections
 import contextlib
 import logging
 import queue
@@ -37,7 +37,7 @@ from imserver.errors import NotFound
 from imserver.errors import Unavailable
 from imserver.errors import UsernameTaken
 from imserver.protocol import encode_entry
-from imserver.protocol import encode_message_body
+from imserver.protocol import encode_message
 from imserver.protocol import is_text
 
 logger = logging.getLogger(__name__)
@@ -52,15 +52,79 @@ def now_ms() -> int:
 
 @dataclass
 class Stored:
-    """A message committed (or found again by its cid)."""
+    """A message committed (or found again by its cid).
 
-    message: dict
+    Made empty when the message is queued in the writer and filled in just
+    before the commit, when the batch's messages are written together.
+    """
+
+    message: dict | None = None
     # JSON of the message, encoded once for every recipient's frame.
-    message_json: str
+    message_json: str = ""
     # False when the cid was seen before: nothing is delivered again.
     new: bool = True
     # (user_id, seq) of every inbox entry the message made.
     entries: list = field(default_factory=list)
+
+
+class Pending:
+    """The outcome of one writer operation, known once its batch is committed.
+
+    The part of ``concurrent.futures.Future`` the writer needs, for a
+    fraction of its cost: a Future builds a ``Condition`` (two locks) and
+    takes it three times, once per message in the hottest path. A
+    ``Pending`` given a ``callback`` has no lock at all: the callback is
+    called, in the writer thread, right after the commit. Without one, it
+    has an ``Event`` to wait on (``result``), for callers that block (HTTP
+    views, administration, tests).
+    """
+
+    __slots__ = ("_callback", "_event", "_result", "_error", "_done")
+
+    def __init__(self, callback=None) -> None:
+        self._callback = callback
+        self._event = threading.Event() if callback is None else None
+        self._result = None
+        self._error: BaseException | None = None
+        self._done = False
+
+    def done(self) -> bool:
+        """Tell whether the operation was committed or refused."""
+        return self._done
+
+    def result(self, timeout: float | None = None):
+        """Wait for the committed result; raise the operation's error."""
+        self._wait(timeout)
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """Wait, then return the operation's error, or None once committed."""
+        self._wait(timeout)
+        return self._error
+
+    def _wait(self, timeout: float | None) -> None:
+        if self._done:
+            return
+        if self._event is None:
+            raise RuntimeError("this operation reports through its callback")
+        if not self._event.wait(timeout):
+            raise TimeoutError("the writer did not answer in time")
+
+    def _finish(self, result, error: BaseException | None) -> None:
+        """Record the outcome (in the writer), then wake or call back."""
+        if self._done:
+            return
+        self._result, self._error = result, error
+        self._done = True
+        if self._event is not None:
+            self._event.set()
+        if self._callback is not None:
+            try:
+                self._callback(self)
+            except Exception:
+                logger.exception("writer callback failed")
 
 
 class Committer:
@@ -69,8 +133,8 @@ class Committer:
     An operation is a function ``op(conn)`` run inside the batch's
     transaction; it returns ``(result, deliveries)`` where ``deliveries`` is
     a list of ``(user_id, seq, frame)``. It must raise ``ImError`` before it
-    writes anything (then only its own future fails); any other exception
-    rolls the whole batch back and fails every future in it (the clients
+    writes anything (then only its own operation fails); any other exception
+    rolls the whole batch back and fails every operation in it (the clients
     retry with the same cid, which is idempotent).
     """
 
@@ -82,21 +146,31 @@ class Committer:
         # Called at the start of each attempt at a batch, and inside its
         # transaction after its operations: for writes the operations gather
         # to do once per batch (a failed attempt's are dropped).
+        # ``before_commit`` returns more deliveries, or None.
         self.batch_started = None
         self.before_commit = None
+        # Called after each commit, before the answers and deliveries.
+        self.after_commit = None
+        # A context manager around the answers and deliveries of a batch
+        # (the flusher's ``corked``: every frame of a connection in one write).
+        self.cork = contextlib.nullcontext
         # Called with (seconds, ops) after each commit, for metrics.
         self._observe = observe
-        # Operations waiting for the writer: (op, future).
+        # Operations waiting for the writer: (op, pending).
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="imserver-committer",
                                         daemon=True)
         self._thread.start()
 
-    def submit(self, op) -> concurrent.futures.Future:
-        """Queue ``op`` for the next transaction; its future resolves after commit."""
-        future = concurrent.futures.Future()
-        self._queue.put((op, future))
-        return future
+    def submit(self, op, callback=None) -> Pending:
+        """Queue ``op`` for the next transaction; it is answered after the commit.
+
+        ``callback(pending)``, if given, is called in the writer thread then;
+        otherwise wait on the returned ``Pending``.
+        """
+        pending = Pending(callback)
+        self._queue.put((op, pending))
+        return pending
 
     def run(self, op, timeout: float = 30.0):
         """Run ``op`` in the writer and wait for its committed result."""
@@ -187,9 +261,8 @@ class Committer:
         logger.error("commit failed, %d operations refused: %r", len(batch), exc)
         self._close_quietly()
         error = Unavailable("the database is unavailable, try again")
-        for _, future in batch:
-            if not future.done():
-                future.set_exception(error)
+        for _, pending in batch:
+            pending._finish(None, error)
 
     def _commit_once(self, batch: list) -> None:
         started = time.monotonic()
@@ -200,32 +273,33 @@ class Committer:
         if self._db.is_closed():
             self._db.connect()
         with self._db.atomic(*_write_lock(self._db)):
-            for op, future in batch:
-                if future.cancelled():
+            for op, pending in batch:
+                if pending._done:
                     continue
                 try:
                     result, delivered = op(self._db)
                 except ImError as exc:
-                    results.append((future, None, exc))
+                    results.append((pending, None, exc))
                     continue
-                results.append((future, result, None))
+                results.append((pending, result, None))
                 if delivered:
                     deliveries.extend(delivered)
             if self.before_commit is not None:
-                self.before_commit()
+                deliveries.extend(self.before_commit() or ())
         if self._observe is not None:
             self._observe(time.monotonic() - started, len(batch))
-        # Store first: only now, after the commit, answer and deliver.
-        for future, result, error in results:
-            if error is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(result)
-        if deliveries and self._on_commit is not None:
-            try:
-                self._on_commit(deliveries)
-            except Exception:
-                logger.exception("delivery after commit failed")
+        if self.after_commit is not None:
+            self.after_commit()
+        # Store first: only now, after the commit, answer and deliver; every
+        # frame a connection gets from this batch goes out in one write.
+        with self.cork():
+            for pending, result, error in results:
+                pending._finish(result, error)
+            if deliveries and self._on_commit is not None:
+                try:
+                    self._on_commit(deliveries)
+                except Exception:
+                    logger.exception("delivery after commit failed")
 
 
 def _write_lock(db) -> tuple:
@@ -259,6 +333,25 @@ def message_dict(row) -> dict:
 
 _MESSAGE_COLUMNS = "m.id, m.sender_id, m.recipient_id, m.group_id, m.body, m.ts, m.cid"
 
+# Rows per INSERT of messages, ids per UPDATE of seqs: well under SQLite's
+# and PostgreSQL's limits on parameters in one statement.
+_INSERT_ROWS = 500
+_UPDATE_IDS = 500
+
+
+@dataclass(slots=True)
+class _Queued:
+    """A message checked by the writer, to be written before the commit."""
+
+    sender: int
+    to: int | None
+    group: int | None
+    body: str
+    ts: int
+    cid: str | None
+    recipients: list
+    stored: Stored
+
 
 class Store:
     """The operations of the contract on the database.
@@ -267,13 +360,22 @@ class Store:
     Users are never deleted, so the ids known to exist are cached.
     """
 
-    def __init__(self, db: peewee.Database, committer: Committer) -> None:
+    def __init__(self, db: peewee.Database, committer: Committer,
+                 on_new_messages=None) -> None:
         self.db = db
         self.committer = committer
-        # Inbox rows of the batch being written (only the committer touches it).
+        # Called after each commit with how many new messages it stored.
+        self._on_new_messages = on_new_messages
+        self._batch_new = 0
+        # What the batch being written gathers (only the committer touches
+        # these): its messages, not yet inserted; its inbox rows; the
+        # deliveries of the messages written so far.
+        self._pending_messages: list[_Queued] = []
         self._pending_inbox: list[tuple[int, int, int]] = []
-        committer.batch_started = self._pending_inbox.clear
-        committer.before_commit = self._write_pending_inbox
+        self._pending_deliveries: list[tuple[int, int, str]] = []
+        committer.batch_started = self._start_batch
+        committer.before_commit = self._write_pending
+        committer.after_commit = self._count_batch
         # Highest ack per user not yet written, and its lock.
         self._acks: dict[int, int] = {}
         self._acks_lock = threading.Lock()
@@ -366,9 +468,10 @@ class Store:
     # -- messages ---------------------------------------------------------
 
     def send(self, sender: int, body: str, cid: str | None, to: int | None = None,
-             group: int | None = None) -> concurrent.futures.Future:
-        """Queue a message for storing; the future gives a ``Stored``.
+             group: int | None = None, callback=None) -> Pending:
+        """Queue a message for storing; the ``Pending`` gives a ``Stored``.
 
+        ``callback(pending)`` is called in the writer right after the commit.
         Raises at once (before queueing) what can be known without the
         writer: a message to oneself, an unknown user.
         """
@@ -378,10 +481,14 @@ class Store:
             if not self.user_exists(to):
                 raise NotFound(f"no user {to}")
         return self.committer.submit(
-            lambda db: self._store_message(sender, body, cid, to, group))
+            lambda db: self._store_message(sender, body, cid, to, group), callback)
 
     def _store_message(self, sender, body, cid, to, group):
-        """Run in the committer: store once, one inbox entry per recipient."""
+        """Run in the committer: check the target, queue the message's rows.
+
+        Nothing is written here: the messages of a batch are written
+        together just before its commit (``_write_messages``).
+        """
         if group is not None:
             if self._execute("SELECT 1 FROM groups WHERE id = ?", (group,)).fetchone() is None:
                 raise NotFound(f"no group {group}")
@@ -392,35 +499,113 @@ class Store:
             recipients = [m for m in members if m != sender]
         else:
             recipients = [to]
-        ts = now_ms()
-        row = self._execute(
-            "INSERT INTO messages (sender_id, recipient_id, group_id, body, ts, cid)"
-            " VALUES (?, ?, ?, ?, ?, ?)"
-            " ON CONFLICT (sender_id, cid) DO NOTHING RETURNING id",
-            (sender, to, group, body, ts, cid),
-        ).fetchone()
-        if row is None:
-            # Idempotent cid: answer the message stored the first time.
-            old = self._execute(
-                f"SELECT {_MESSAGE_COLUMNS} FROM messages m"
-                " WHERE m.sender_id = ? AND m.cid = ?", (sender, cid)).fetchone()
-            message = message_dict(old)
-            return Stored(message, encode_message_body(message), new=False), None
-        message = message_dict((row[0], sender, to, group, body, ts, cid))
-        message_json = encode_message_body(message)
-        stored = Stored(message, message_json)
-        if not recipients:
-            return stored, None
-        placeholders = ", ".join("?" * len(recipients))
-        seqs = self._execute(
-            f"UPDATE users SET last_seq = last_seq + 1 WHERE id IN ({placeholders})"
-            " RETURNING id, last_seq", recipients).fetchall()
-        # Written once for the whole batch, before the commit.
-        self._pending_inbox.extend((user_id, seq, row[0]) for user_id, seq in seqs)
-        stored.entries = seqs
-        deliveries = [(user_id, seq, encode_entry(seq, message_json))
-                      for user_id, seq in seqs]
-        return stored, deliveries
+        stored = Stored()
+        self._pending_messages.append(
+            _Queued(sender, to, group, body, now_ms(), cid, recipients, stored))
+        return stored, None
+
+    def _write_messages(self) -> None:
+        """Write the batch's queued messages: a few statements for all of them.
+
+        One ``INSERT`` of every message (a cid seen before inserts nothing
+        and answers the message stored the first time), one ``UPDATE`` of
+        the recipients' ``last_seq`` per distinct number of entries they
+        get, then each recipient's seqs are given out in queue order, so
+        that one sender's messages keep their order in every inbox. The
+        inbox rows are inserted with the batch's others before the commit.
+        """
+        queued = self._pending_messages
+        if not queued:
+            return
+        self._pending_messages = []
+        ids = self._insert_messages(queued)
+        counts: collections.Counter = collections.Counter()
+        new = []
+        for item, message_id in zip(queued, ids):
+            stored = item.stored
+            if message_id is None:
+                # Idempotent cid: answer the message stored the first time
+                # (in an earlier batch, or earlier in this one).
+                old = self._execute(
+                    f"SELECT {_MESSAGE_COLUMNS} FROM messages m"
+                    " WHERE m.sender_id = ? AND m.cid = ?", (item.sender, item.cid)).fetchone()
+                stored.message = message_dict(old)
+                stored.message_json = encode_message(*old)
+                stored.new = False
+                continue
+            row = (message_id, item.sender, item.to, item.group, item.body, item.ts, item.cid)
+            stored.message = message_dict(row)
+            stored.message_json = encode_message(*row)
+            self._batch_new += 1
+            counts.update(item.recipients)
+            new.append((stored, message_id, item.recipients))
+        next_seq = self._take_seqs(counts)
+        for stored, message_id, recipients in new:
+            for user_id in recipients:
+                seq = next_seq.get(user_id)
+                if seq is None:
+                    continue  # no such user: the message is stored, for no one
+                next_seq[user_id] = seq + 1
+                self._pending_inbox.append((user_id, seq, message_id))
+                stored.entries.append((user_id, seq))
+                self._pending_deliveries.append(
+                    (user_id, seq, encode_entry(seq, stored.message_json)))
+
+    def _insert_messages(self, queued: list) -> list:
+        """Insert the queued messages at once; return each one's new id, or None.
+
+        None where ``(sender, cid)`` was already stored. The ids come back in
+        any order, so they are matched by ``(sender, cid)``; messages without
+        a cid never conflict and get their sender's ids in ascending order,
+        the order of the rows.
+        """
+        ids: list = []
+        for start in range(0, len(queued), _INSERT_ROWS):
+            chunk = queued[start:start + _INSERT_ROWS]
+            params = []
+            for item in chunk:
+                params += (item.sender, item.to, item.group, item.body, item.ts, item.cid)
+            rows = self._execute(
+                "INSERT INTO messages (sender_id, recipient_id, group_id, body, ts, cid)"
+                " VALUES " + ", ".join(["(?, ?, ?, ?, ?, ?)"] * len(chunk))
+                + " ON CONFLICT (sender_id, cid) DO NOTHING"
+                " RETURNING id, sender_id, cid", params).fetchall()
+            rows.sort()
+            by_cid = {}
+            without_cid = collections.defaultdict(collections.deque)
+            for message_id, sender, cid in rows:
+                if cid is None:
+                    without_cid[sender].append(message_id)
+                else:
+                    by_cid[(sender, cid)] = message_id
+            for item in chunk:
+                if item.cid is None:
+                    ids.append(without_cid[item.sender].popleft())
+                else:
+                    # pop: a second message with the same cid in this chunk
+                    # is a repeat of the first.
+                    ids.append(by_cid.pop((item.sender, item.cid), None))
+        return ids
+
+    def _take_seqs(self, counts: collections.Counter) -> dict[int, int]:
+        """Reserve ``counts[user]`` seqs per user; return each one's first.
+
+        One ``UPDATE ... RETURNING`` per distinct count, under the row lock:
+        the seqs stay dense and unique across processes.
+        """
+        by_count = collections.defaultdict(list)
+        for user_id, count in counts.items():
+            by_count[count].append(user_id)
+        first = {}
+        for count, user_ids in by_count.items():
+            for start in range(0, len(user_ids), _UPDATE_IDS):
+                chunk = user_ids[start:start + _UPDATE_IDS]
+                for user_id, last_seq in self._execute(
+                        "UPDATE users SET last_seq = last_seq + ? WHERE id IN ("
+                        + ", ".join("?" * len(chunk)) + ") RETURNING id, last_seq",
+                        [count, *chunk]).fetchall():
+                    first[user_id] = last_seq - count + 1
+        return first
 
     def ack(self, user_id: int, seq: int) -> None:
         """Move the acked cursor of ``user_id`` up to ``seq`` (never down).
@@ -436,6 +621,26 @@ class Store:
                 self._acks[user_id] = seq
         if first:
             self.committer.submit(self._write_acks)
+
+    def _start_batch(self) -> None:
+        """Run in the committer before each attempt at a batch."""
+        self._pending_messages = []
+        self._pending_inbox.clear()
+        self._pending_deliveries = []
+        self._batch_new = 0
+
+    def _write_pending(self) -> list:
+        """Run in the committer before each commit; return the deliveries."""
+        self._write_messages()
+        self._write_pending_inbox()
+        deliveries, self._pending_deliveries = self._pending_deliveries, []
+        return deliveries
+
+    def _count_batch(self) -> None:
+        """Run in the committer after each commit: count the new messages."""
+        if self._batch_new and self._on_new_messages is not None:
+            self._on_new_messages(self._batch_new)
+        self._batch_new = 0
 
     def _write_pending_inbox(self) -> None:
         """Run in the committer before each commit: insert the batch's inbox rows."""
@@ -484,8 +689,7 @@ class Store:
                 " JOIN messages m ON m.id = i.message_id"
                 " WHERE i.user_id = ? AND i.seq > ? ORDER BY i.seq LIMIT ?",
                 (user_id, after_seq, limit)).fetchall()
-        return [(row[0], encode_entry(row[0], encode_message_body(message_dict(row[1:]))))
-                for row in rows]
+        return [(row[0], encode_entry(row[0], encode_message(*row[1:]))) for row in rows]
 
     def history_direct(self, user_id: int, other: int, before: int | None,
                        limit: int) -> tuple[list, bool]:
@@ -601,7 +805,12 @@ class Store:
         return group
 
     def _newest_message_id(self) -> int:
-        """Return the highest message id stored so far (in the writer)."""
+        """Return the highest message id stored so far (in the writer).
+
+        The batch's messages queued before this operation are written first:
+        they come before it.
+        """
+        self._write_messages()
         return self._execute("SELECT COALESCE(MAX(id), 0) FROM messages").fetchone()[0]
 
     def remove_member(self, group_id: int, caller: int, user_id: int) -> None:

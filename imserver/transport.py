@@ -14,6 +14,9 @@ write of every thread goes through it:
   rest to the ``Flusher``, one thread per process that writes every
   connection's leftovers when its socket becomes writable; the caller never
   waits for the client;
+- inside ``Flusher.corked()`` (the writer, while it answers and delivers
+  one committed batch) writes are only queued, and each connection touched
+  is written once at the end: several frames in one system call;
 - a connection whose oldest unsent byte waited ``send_timeout`` seconds, or
   whose buffer passed ``max_outbuf`` bytes, is *aborted*: its buffer is
   dropped and the connection reset, so a client never receives part of a
@@ -26,6 +29,7 @@ included, for the heartbeat.
 Imports: stdlib only.
 """
 
+import contextlib
 import errno
 import logging
 import selectors
@@ -63,6 +67,14 @@ def close_frame(code: int, reason: str) -> bytes:
     return bytes((0x88, len(payload))) + payload
 
 
+# Per thread: the list of sockets written while corked, or no attribute.
+_corked = threading.local()
+
+# Queued bytes past which a corked socket is written at once anyway: large
+# frames keep flowing while a big batch is delivered.
+CORK_BYTES = 64 * 1024
+
+
 class SlowReceiver(ConnectionError):
     """The client did not read its frames in time; the connection is aborted."""
 
@@ -94,6 +106,8 @@ class BufferedSocket:
         self._close_when_flushed = False
         # The socket was shut down (FIN or RST sent, reader woken).
         self._shut = False
+        # In a corked thread's list: written when that thread uncorks.
+        self._corked = False
         # Signalled whenever _out shrinks (for wait_drained).
         self._drained = threading.Condition(self._lock)
         self.last_recv = time.monotonic()
@@ -116,9 +130,21 @@ class BufferedSocket:
         Returns ``len(data)``: the bytes are the connection's from here on.
         Raises the connection's error once it has failed.
         """
+        corked = getattr(_corked, "sockets", None)
         with self._lock:
             if self._error is not None:
                 raise self._error
+            if corked is not None and not self._out:
+                # Written once when the thread uncorks, with what follows.
+                if len(data) > self.max_outbuf:
+                    self._abort(SlowReceiver("outgoing buffer full"))
+                    self._flusher.slow_receiver(self)
+                    raise self._error
+                self._out += data
+                self._since = time.monotonic()
+                self._corked = True
+                corked.append(self)
+                return len(data)
             if self._out:
                 # Older bytes wait: append after them to keep the order.
                 if len(self._out) + len(data) > self.max_outbuf:
@@ -126,6 +152,8 @@ class BufferedSocket:
                     self._flusher.slow_receiver(self)
                     raise self._error
                 self._out += data
+                if self._corked and len(self._out) >= CORK_BYTES:
+                    self._write_queued()
                 return len(data)
             try:
                 sent = self._sock.send(data, socket.MSG_DONTWAIT)
@@ -218,6 +246,26 @@ class BufferedSocket:
         return len(self._out)
 
     # -- called by the Flusher ----------------------------------------------
+
+    def _uncork(self) -> None:
+        """Write what was queued while corked; leave the rest to the flusher."""
+        self._corked = False
+        if not self._flush():
+            self._flusher.watch(self)
+
+    def _write_queued(self) -> None:
+        """Write what the kernel takes now, without blocking; lock held."""
+        try:
+            sent = self._sock.send(self._out, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._abort(exc)
+            raise
+        if sent:
+            del self._out[:sent]
+            self._since = time.monotonic()
+            self._drained.notify_all()
 
     def _flush(self) -> bool:
         """Write what the kernel takes now; return True when nothing is left."""
@@ -348,6 +396,31 @@ class Flusher:
             self._watched.add(bsock)
             self._pending.append(bsock)
         self._wake()
+
+    @contextlib.contextmanager
+    def corked(self):
+        """Queue this thread's writes, then write each socket once.
+
+        The writer answers and delivers a whole committed batch inside this:
+        a sender with ten messages in the batch gets its ten ``sent`` frames
+        in one ``send`` call, a receiver its entries likewise. Frames keep
+        their order: another thread writing the same socket meanwhile finds
+        bytes queued and appends after them.
+        """
+        if getattr(_corked, "sockets", None) is not None:
+            yield  # already corked: the outer block writes
+            return
+        sockets: list[BufferedSocket] = []
+        _corked.sockets = sockets
+        try:
+            yield
+        finally:
+            _corked.sockets = None
+            for bsock in sockets:
+                try:
+                    bsock._uncork()
+                except Exception:
+                    logger.exception("write after cork failed")
 
     def slow_receiver(self, bsock: BufferedSocket) -> None:
         """Count a slow receiver that was aborted."""

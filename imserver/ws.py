@@ -303,32 +303,32 @@ def _handle(hub, wrapper, user_id: int, text, max_body: int) -> None:
 def _send(hub, wrapper, user_id: int, frame: Send) -> None:
     """Queue a message; ``sent`` (or ``error``) follows after the commit."""
     started = time.monotonic()
-    try:
-        future = delivery.submit(hub, user_id, frame.body, frame.cid, to=frame.to,
-                                 group=frame.group)
-    except ImError as error:
-        error.cid = frame.cid
-        raise
+    cid = frame.cid
 
-    def answer(future):
+    def answer(pending):
         # Runs in the writer thread right after the commit.
         try:
-            error = future.exception()
+            error = pending.exception()
             if error is None:
-                message = future.result().message
-                wrapper.send(encode_sent(frame.cid, message["id"], message["ts"]))
+                message = pending.result().message
+                wrapper.send(encode_sent(cid, message["id"], message["ts"]))
                 hub.metrics.send_latency.observe(time.monotonic() - started)
             elif isinstance(error, ImError) and error.code in SOCKET_CODES:
-                wrapper.send(encode_error(error.code, error.message, frame.cid))
+                wrapper.send(encode_error(error.code, error.message, cid))
             else:
                 # The store failed (e.g. the database is unreachable): nothing
                 # was stored; the client may retry with the same cid.
-                wrapper.send(encode_error("internal", "not stored, try again", frame.cid))
+                wrapper.send(encode_error("internal", "not stored, try again", cid))
         except Exception as exc:
             # The sender's connection is gone; the message is stored anyway.
             logger.debug("answer not sent user_id=%s: %r", user_id, exc)
 
-    future.add_done_callback(answer)
+    try:
+        delivery.submit(hub, user_id, frame.body, cid, to=frame.to, group=frame.group,
+                        callback=answer)
+    except ImError as error:
+        error.cid = cid
+        raise
 
 
 def init_app(app) -> None:
