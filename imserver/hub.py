@@ -54,6 +54,7 @@ class Hub:
         self.store = Store(database, self.committer,
                            on_new_messages=self.metrics.messages.inc)
         self.committer.cork = self.flusher.corked
+        self.committer.after_commit.append(self.metrics.batch_done)
         # Connection tokens: "<node>/<n>", unique per connection.
         self._tokens = itertools.count(1)
         if config["REDIS_URL"]:

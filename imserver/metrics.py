@@ -13,6 +13,7 @@ multiprocess mode); the connections gauge sums the live workers only.
 Imports: stdlib and prometheus_client only.
 """
 
+import bisect
 import os
 
 from prometheus_client import CollectorRegistry
@@ -52,6 +53,8 @@ class Metrics:
         self.send_latency = Histogram("imserver_send_to_sent_seconds",
                                       "From a send frame to its sent answer",
                                       buckets=LATENCY_BUCKETS, registry=r)
+        # Send latencies of the batch being answered, written once per batch.
+        self.send_latencies = BatchedObservations(self.send_latency)
         self.commit_latency = Histogram("imserver_commit_seconds",
                                         "One group commit", buckets=LATENCY_BUCKETS,
                                         registry=r)
@@ -65,6 +68,10 @@ class Metrics:
         self.commit_latency.observe(seconds)
         self.commit_batch.observe(ops)
 
+    def batch_done(self) -> None:
+        """Write what the writer gathered while answering one batch."""
+        self.send_latencies.flush()
+
     def render(self) -> bytes:
         """Return the Prometheus text exposition (of every worker, if several)."""
         if self.multiprocess:
@@ -74,3 +81,43 @@ class Metrics:
             multiprocess.MultiProcessCollector(registry)
             return generate_latest(registry)
         return generate_latest(self.registry)
+
+
+class BatchedObservations:
+    """Observations of one histogram gathered, then written once per batch.
+
+    In multiprocess mode every ``observe`` writes two values to a memory-mapped
+    file (and checks the pid first): at thousands of messages a second that was
+    a tenth of the writer's time. The writer adds each ``sent`` latency here
+    and ``flush`` adds each bucket's count and the sum in one write each. Only
+    one thread (the writer) may call ``add`` and ``flush``.
+    """
+
+    def __init__(self, histogram: Histogram) -> None:
+        self._histogram = histogram
+        self._values: list[float] = []
+        # prometheus-client's own fields, if this version has them.
+        self._bounds = getattr(histogram, "_upper_bounds", None)
+        self._buckets = getattr(histogram, "_buckets", None)
+        self._sum = getattr(histogram, "_sum", None)
+
+    def add(self, value: float) -> None:
+        self._values.append(value)
+
+    def flush(self) -> None:
+        values, self._values = self._values, []
+        if not values:
+            return
+        if self._bounds is None or self._buckets is None or self._sum is None:
+            for value in values:
+                self._histogram.observe(value)
+            return
+        counts = [0] * len(self._bounds)
+        for value in values:
+            # The first bucket whose bound is >= value, as ``observe`` does;
+            # the last bound is +Inf.
+            counts[bisect.bisect_left(self._bounds, value)] += 1
+        self._sum.inc(sum(values))
+        for bucket, count in zip(self._buckets, counts):
+            if count:
+                bucket.inc(count)

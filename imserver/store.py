@@ -149,8 +149,8 @@ class Committer:
         # ``before_commit`` returns more deliveries, or None.
         self.batch_started = None
         self.before_commit = None
-        # Called after each commit, before the answers and deliveries.
-        self.after_commit = None
+        # Called after each batch is committed, answered and delivered.
+        self.after_commit: list = []
         # A context manager around the answers and deliveries of a batch
         # (the flusher's ``corked``: every frame of a connection in one write).
         self.cork = contextlib.nullcontext
@@ -288,8 +288,6 @@ class Committer:
                 deliveries.extend(self.before_commit() or ())
         if self._observe is not None:
             self._observe(time.monotonic() - started, len(batch))
-        if self.after_commit is not None:
-            self.after_commit()
         # Store first: only now, after the commit, answer and deliver; every
         # frame a connection gets from this batch goes out in one write.
         with self.cork():
@@ -300,6 +298,8 @@ class Committer:
                     self._on_commit(deliveries)
                 except Exception:
                     logger.exception("delivery after commit failed")
+        for hook in self.after_commit:
+            hook()
 
 
 def _write_lock(db) -> tuple:
@@ -375,7 +375,7 @@ class Store:
         self._pending_deliveries: list[tuple[int, int, str]] = []
         committer.batch_started = self._start_batch
         committer.before_commit = self._write_pending
-        committer.after_commit = self._count_batch
+        committer.after_commit.append(self._count_batch)
         # Highest ack per user not yet written, and its lock.
         self._acks: dict[int, int] = {}
         self._acks_lock = threading.Lock()

@@ -312,7 +312,7 @@ def _send(hub, wrapper, user_id: int, frame: Send) -> None:
             if error is None:
                 message = pending.result().message
                 wrapper.send(encode_sent(cid, message["id"], message["ts"]))
-                hub.metrics.send_latency.observe(time.monotonic() - started)
+                hub.metrics.send_latencies.add(time.monotonic() - started)
             elif isinstance(error, ImError) and error.code in SOCKET_CODES:
                 wrapper.send(encode_error(error.code, error.message, cid))
             else:

@@ -155,3 +155,60 @@ def test_health_check_fails_when_the_redis_subscriber_is_dead(tmp_path, redis_ur
         assert response.get_json()["status"] == "unavailable"
     finally:
         hub.shutdown()
+
+
+_BATCHED_CHECK = """
+import sys
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from imserver.metrics import LATENCY_BUCKETS, BatchedObservations
+
+values = [0.0, 0.001, 0.0011, 0.004, 0.05, 0.07, 0.3, 2.0, 4.9, 5.0, 7.5, 100.0] * 3
+registry = CollectorRegistry()
+hist = Histogram(sys.argv[1] + "_seconds", "x", buckets=LATENCY_BUCKETS, registry=registry)
+if sys.argv[1] == "batched":
+    gathered = BatchedObservations(hist)
+    for v in values[:20]:
+        gathered.add(v)
+    gathered.flush()
+    gathered.flush()  # nothing new: changes nothing
+    for v in values[20:]:
+        gathered.add(v)
+    gathered.flush()
+else:
+    for v in values:
+        hist.observe(v)
+if len(sys.argv) > 2:
+    from prometheus_client import multiprocess
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+text = generate_latest(registry).decode().replace(sys.argv[1], "lat")
+print("".join(line + "\\n" for line in text.splitlines() if "_created" not in line))
+"""
+
+
+@pytest.mark.parametrize("multiprocess", [False, True], ids=["one-process", "multiprocess"])
+def test_batched_latencies_expose_what_observing_each_would(tmp_path, multiprocess):
+    """The writer's batched send latencies give the same buckets, count and sum,
+    also across gunicorn workers (prometheus-client's multiprocess files)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    if multiprocess:
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path)
+
+    def exposition(kind: str) -> str:
+        args = [sys.executable, "-c", _BATCHED_CHECK, kind] + (["mp"] if multiprocess else [])
+        done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        if multiprocess:
+            for path in tmp_path.iterdir():
+                path.unlink()
+        return done.stdout
+
+    one_by_one, batched = exposition("single"), exposition("batched")
+    assert 'lat_seconds_bucket{le="0.001"} 6.0' in one_by_one
+    assert "lat_seconds_count 36.0" in one_by_one
+    assert batched == one_by_one
