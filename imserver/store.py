@@ -446,9 +446,9 @@ class Store:
 
     def user_exists(self, user_id: int) -> bool:
         """Tell whether the user exists, from the cache when possible."""
-        with self._known_lock:
-            if user_id in self._known_users:
-                return True
+        # A set lookup is atomic; only additions take the lock.
+        if user_id in self._known_users:
+            return True
         if self.get_user(user_id) is None:
             return False
         with self._known_lock:
@@ -519,7 +519,7 @@ class Store:
             return
         self._pending_messages = []
         ids = self._insert_messages(queued)
-        counts: collections.Counter = collections.Counter()
+        counts: dict[int, int] = {}
         new = []
         for item, message_id in zip(queued, ids):
             stored = item.stored
@@ -537,7 +537,8 @@ class Store:
             stored.message = message_dict(row)
             stored.message_json = encode_message(*row)
             self._batch_new += 1
-            counts.update(item.recipients)
+            for user_id in item.recipients:
+                counts[user_id] = counts.get(user_id, 0) + 1
             new.append((stored, message_id, item.recipients))
         next_seq = self._take_seqs(counts)
         for stored, message_id, recipients in new:
@@ -587,7 +588,7 @@ class Store:
                     ids.append(by_cid.pop((item.sender, item.cid), None))
         return ids
 
-    def _take_seqs(self, counts: collections.Counter) -> dict[int, int]:
+    def _take_seqs(self, counts: dict[int, int]) -> dict[int, int]:
         """Reserve ``counts[user]`` seqs per user; return each one's first.
 
         One ``UPDATE ... RETURNING`` per distinct count, under the row lock:

@@ -153,7 +153,7 @@ def free_port() -> int:
 
 
 def _stat(pid: int):
-    """Return ``(state, pgrp, cpu_ticks)`` of a process, or None if gone."""
+    """Return ``(state, pgrp, cpu_ticks, system_ticks)`` of a process, or None if gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             stat = f.read()
@@ -161,7 +161,7 @@ def _stat(pid: int):
         return None
     fields = stat[stat.rindex(")") + 2:].split()
     # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
-    return fields[0], int(fields[2]), int(fields[11]) + int(fields[12])
+    return fields[0], int(fields[2]), int(fields[11]) + int(fields[12]), int(fields[12])
 
 
 def _status(pid: int) -> dict:
@@ -285,12 +285,17 @@ class Server:
 
     def cpu_seconds(self) -> float:
         """CPU seconds used so far by the server's live processes."""
-        total = 0
+        return self.cpu_split()[0]
+
+    def cpu_split(self) -> tuple:
+        """``(cpu_seconds, of_which_in_the_kernel)`` of the server's live processes."""
+        total = system = 0
         for pid in self.pids():
             st = _stat(pid)
             if st is not None:
                 total += st[2]
-        return total / CLK_TCK
+                system += st[3]
+        return total / CLK_TCK, system / CLK_TCK
 
     def context_switches(self) -> int:
         """Context switches so far of every live thread of the server."""
@@ -411,13 +416,14 @@ class Meter:
         self.ctx0 = server.context_switches()
         self.t0 = time.monotonic()
         self.gen0 = cpu_seconds_self()
-        self.srv0 = server.cpu_seconds()
+        self.srv0, self.sys0 = server.cpu_split()
         self.cores0 = core_ticks()
 
     def read(self) -> dict:
         wall = time.monotonic() - self.t0
         gen = cpu_seconds_self() - self.gen0
-        srv = self.server.cpu_seconds() - self.srv0
+        srv, system = self.server.cpu_split()
+        srv, system = srv - self.srv0, system - self.sys0
         self.ctx = self.server.context_switches() - self.ctx0
         cores = {}
         for core, (busy, total) in core_ticks().items():
@@ -432,6 +438,8 @@ class Meter:
                 "generator_cpu": round(gen / wall, 3) if wall > 0 else None,
                 "server_cpu": round(srv / wall, 3) if wall > 0 else None,
                 "server_cpu_s": round(srv, 2),
+                # The kernel's part: system calls, and loopback TCP for both ends.
+                "server_system_share": round(system / srv, 3) if srv > 0 else None,
                 "server_context_switches": self.ctx,
                 "core_busy": cores}
 
@@ -1487,6 +1495,10 @@ def build_table(results: dict, args) -> list:
                      f"{_fmt(b, '.0f')} / "
                      f"{_fmt(get(ba, 'cpu', 'server_context_switches_per_message'), '.1f')}",
                      _ratio(v, b), "", ""))
+        si, sb = get(im, "cpu", "server_system_share"), get(ba, "cpu", "server_system_share")
+        rows.append(("pairs", "  server CPU in the kernel (system calls, TCP)",
+                     f"{_fmt(si and si * 100, '.0f')}%", f"{_fmt(sb and sb * 100, '.0f')}%",
+                     None, "", ""))
         _integrity_row(rows, "pairs", im, ba)
 
     fo = results.get("fanout", {})
