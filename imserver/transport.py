@@ -70,6 +70,9 @@ def close_frame(code: int, reason: str) -> bytes:
 # Per thread: the list of sockets written while corked, or no attribute.
 _corked = threading.local()
 
+# Bytes of the blocking read of ``BufferedSocket.recv``.
+FIRST_READ = 1024
+
 # Queued bytes past which a corked socket is written at once anyway: large
 # frames keep flowing while a big batch is delivered.
 CORK_BYTES = 64 * 1024
@@ -108,8 +111,9 @@ class BufferedSocket:
         self._shut = False
         # In a corked thread's list: written when that thread uncorks.
         self._corked = False
-        # Signalled whenever _out shrinks (for wait_drained).
-        self._drained = threading.Condition(self._lock)
+        # Signalled whenever _out shrinks, made by the first wait_drained
+        # (a Condition is ~1 KB, and most connections never wait).
+        self._drained: threading.Condition | None = None
         self.last_recv = time.monotonic()
         self.peer = _peer(sock)
 
@@ -119,8 +123,19 @@ class BufferedSocket:
         return self._sock.fileno()
 
     def recv(self, size: int) -> bytes:
-        """Receive from the client and note the time, for the heartbeat."""
-        data = self._sock.recv(size)
+        """Receive up to ``size`` bytes; note the time, for the heartbeat.
+
+        A blocked ``recv(n)`` holds an ``n``-byte buffer for as long as it
+        waits, and an idle WebSocket waits for hours: so the blocking read
+        asks for ``FIRST_READ`` bytes only (a chat frame fits), and only
+        when that much came is the rest taken at once, without blocking.
+        """
+        data = self._sock.recv(min(size, FIRST_READ))
+        if len(data) == FIRST_READ and size > FIRST_READ:
+            try:
+                data += self._sock.recv(size - FIRST_READ, socket.MSG_DONTWAIT)
+            except OSError:
+                pass  # nothing more now; a failure shows on the next read
         self.last_recv = time.monotonic()
         return data
 
@@ -183,7 +198,7 @@ class BufferedSocket:
                 self._closing = self._close_when_flushed = True
                 return
             self._shutdown()
-            self._drained.notify_all()
+            self._notify_drained()
         self._flusher.forget(self)
         self._close_socket()
 
@@ -229,6 +244,8 @@ class BufferedSocket:
         """
         deadline = time.monotonic() + timeout
         with self._lock:
+            if self._drained is None:
+                self._drained = threading.Condition(self._lock)
             while len(self._out) >= below and self._error is None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -265,7 +282,7 @@ class BufferedSocket:
         if sent:
             del self._out[:sent]
             self._since = time.monotonic()
-            self._drained.notify_all()
+            self._notify_drained()
 
     def _flush(self) -> bool:
         """Write what the kernel takes now; return True when nothing is left."""
@@ -288,7 +305,7 @@ class BufferedSocket:
                     return True
                 del self._out[:sent]
                 self._since = time.monotonic()
-            self._drained.notify_all()
+            self._notify_drained()
             if self._out:
                 return False
             self._since = None
@@ -312,6 +329,11 @@ class BufferedSocket:
         return expired
 
     # -- internals (lock held) ----------------------------------------------
+
+    def _notify_drained(self) -> None:
+        """Wake a wait_drained, if one ever waited; lock held."""
+        if self._drained is not None:
+            self._drained.notify_all()
 
     def _shutdown(self) -> None:
         """Send FIN after what the kernel holds and wake the reader; lock held.
@@ -341,7 +363,7 @@ class BufferedSocket:
         self._error = exc
         self._out.clear()
         self._since = None
-        self._drained.notify_all()
+        self._notify_drained()
         self._shut = True
         try:
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,

@@ -73,8 +73,8 @@ sock = Sock()
 SOCKET_CODES = frozenset({"bad_json", "bad_frame", "unknown_type", "not_found",
                           "forbidden", "body_too_long", "rate_limited", "internal"})
 
-# Bytes read from the socket at once. Each blocked read holds a buffer this
-# size, so it is kept small: thousands of idle connections wait in recv.
+# Bytes read from the socket at once at most (``BufferedSocket.recv`` blocks
+# on a small read, so idle connections do not hold a buffer this size).
 RECEIVE_BYTES = 8192
 
 # The WSGI environ keys under which servers hand over the client's socket.
@@ -93,6 +93,45 @@ class InlineReader:
 
     def start(self) -> None:
         """Start nothing: the handler thread is the reader."""
+
+
+class NoEvent:
+    """simple-websocket's ``event_class``: a ``threading.Event`` nobody waits on.
+
+    simple-websocket sets its event for ``receive()``; our handler reads its
+    own socket and never calls ``receive()``, so each connection would hold
+    an Event (a Condition, a lock, a deque: ~1 KB) for nothing.
+    """
+
+    __slots__ = ()
+
+    def set(self) -> None:
+        pass
+
+    def clear(self) -> None:
+        pass
+
+    def is_set(self) -> bool:
+        return False
+
+    def wait(self, timeout=None) -> bool:
+        return False
+
+
+def _drop_handshake_state(ws) -> None:
+    """Free what wsproto keeps of the HTTP handshake once the upgrade is done.
+
+    ``WSConnection.handshake`` keeps its h11 connection, the upgrade request
+    and a deque for as long as the WebSocket lives; only ``events()`` still
+    reads the (empty) event queue.
+    """
+    handshake = getattr(ws.ws, "handshake", None)
+    if ws.ws.connection is None or handshake is None or getattr(handshake, "_events", None):
+        return
+    for name, empty in (("_h11_connection", None), ("_initiating_request", None),
+                        ("_events", ())):
+        if hasattr(handshake, name):
+            setattr(handshake, name, empty)
 
 
 def _frames(ws, bsock: "BufferedSocket"):
@@ -223,6 +262,7 @@ def uncount_connection(exc):
 
 def _serve(hub, ws, user_id: int) -> None:
     """Run one connection: ready, register, replay, then answer frames."""
+    _drop_handshake_state(ws)
     session = Session(ws, g.bsock, hub.new_token(),
                       extensions=bool(hub.config["WS_COMPRESSION"]))
     logger.info("connected user_id=%s peer=%s", user_id, g.bsock.peer)
@@ -338,5 +378,7 @@ def init_app(app) -> None:
     app.config["SOCK_SERVER_OPTIONS"]["max_message_size"] = app.config["MAX_FRAME_BYTES"]
     # The handler thread reads its own socket: no second thread per connection.
     app.config["SOCK_SERVER_OPTIONS"]["thread_class"] = InlineReader
+    # ... and never waits in ``receive()``: no Event per connection.
+    app.config["SOCK_SERVER_OPTIONS"]["event_class"] = NoEvent
     sock.init_app(app)
     app.register_blueprint(bp)
