@@ -16,6 +16,7 @@ Imports: stdlib and ``imserver.conn_manager`` only.
 """
 
 import logging
+import random
 import threading
 import time
 
@@ -68,8 +69,14 @@ class Heartbeat:
                 self.conns.close_and_delete_conn(wrapper.user_id, CLOSE_IDLE,
                                                  "idle timeout", expected=wrapper)
                 continue
-            # A new connection is first pinged one interval after it is seen.
-            last = self._last_ping.setdefault(wrapper, now)
+            # A new connection is first pinged within one interval of being
+            # seen, at a random phase: connections that came together are
+            # pinged spread over the interval, not all at once. (Each pong
+            # wakes a thread; ten thousand at once is the GIL convoy the
+            # idle burst measures.)
+            last = self._last_ping.get(wrapper)
+            if last is None:
+                last = self._last_ping[wrapper] = now - random.uniform(0, self.ping_interval)
             if now - last >= self.ping_interval:
                 self._ping(wrapper)
                 self._last_ping[wrapper] = now

@@ -179,12 +179,18 @@ def test_rude_clients_leak_no_thread_descriptor_or_connection(server):
         # gunicorn's pool keeps the idle threads it started (up to --threads,
         # 200 here), so threads are bounded by the pool, not the baseline: a
         # leaked connection shows as a descriptor and a connection instead.
+        # SQLite's idle descriptors follow how many reads ran at once (43
+        # seen); a leaked one per connection would be hundreds here.
         return (conns == 0 and fds <= base_fds + 2 and threads <= base_threads + 200
-                and sqlite_fds(server) <= 40)
+                and sqlite_fds(server) <= 100)
 
     # Generous: on a loaded machine 500 handshakes and closes take a while.
-    wait_until(settled, T * 24, f"back to baseline (was {base_threads} threads, "
-                               f"{base_fds} fds): now {worker_state(server)}")
+    try:
+        wait_until(settled, T * 24, "back to baseline")
+    except AssertionError:
+        raise AssertionError(f"not back to baseline (was {base_threads} threads, {base_fds}"
+                             f" fds): now {worker_state(server)} (threads, fds, connections),"
+                             f" {sqlite_fds(server)} SQLite descriptors") from None
     # And ConnManager.count() of the worker (admin stats) is back to zero.
     admin = server.user()
     subprocess.run([sys.executable, "-c", "from imserver.cli import main; main()",
