@@ -8,6 +8,7 @@ client under gunicorn, and ``gunicorn 'imserver:create_app()'`` works.
 """
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -65,6 +66,14 @@ def test_serve_starts_and_two_users_chat(servers):
     assert (status, body) == (200, {"status": "ok"})
     # imserver serve disables gunicorn's per-user control socket.
     assert "Control socket listening" not in server.log()
+    # ... and runs its worker without glibc's per-thread cache of freed
+    # blocks (each idle thread would keep its handshake's), unless told not to.
+    (worker,) = server.worker_pids()
+    with open(f"/proc/{worker}/environ", "rb") as f:
+        environ = f.read().split(b"\0")
+    if os.confstr("CS_GNU_LIBC_VERSION"):
+        assert any(b"glibc.malloc.tcache_count=0" in v for v in environ
+                   if v.startswith(b"GLIBC_TUNABLES=")), "tcache left on"
 
     alice, bob = server.user(), server.user()
     status, me = server.request("GET", "/api/me", token=alice.token)
