@@ -149,23 +149,15 @@ class BufferedSocket:
         with self._lock:
             if self._error is not None:
                 raise self._error
-            if corked is not None and not self._out:
-                # Written once when the thread uncorks, with what follows.
-                if len(data) > self.max_outbuf:
-                    self._abort(SlowReceiver("outgoing buffer full"))
-                    self._flusher.slow_receiver(self)
-                    raise self._error
-                self._out += data
-                self._since = time.monotonic()
-                self._corked = True
-                corked.append(self)
-                return len(data)
-            if self._out:
-                # Older bytes wait: append after them to keep the order.
+            if self._out or corked is not None:
+                # Older bytes wait (append after them to keep the order), or
+                # this thread is corked (written once when it uncorks).
                 if len(self._out) + len(data) > self.max_outbuf:
-                    self._abort(SlowReceiver("outgoing buffer full"))
-                    self._flusher.slow_receiver(self)
-                    raise self._error
+                    raise self._overflow()
+                if not self._out:
+                    self._since = time.monotonic()
+                    self._corked = True
+                    corked.append(self)
                 self._out += data
                 if self._corked and len(self._out) >= CORK_BYTES:
                     self._write_queued()
@@ -179,9 +171,7 @@ class BufferedSocket:
                 raise
             if sent < len(data):
                 if len(data) - sent > self.max_outbuf:
-                    self._abort(SlowReceiver("outgoing buffer full"))
-                    self._flusher.slow_receiver(self)
-                    raise self._error
+                    raise self._overflow()
                 self._out += memoryview(data)[sent:]
                 self._since = time.monotonic()
                 self._flusher.watch(self)
@@ -270,12 +260,16 @@ class BufferedSocket:
         if not self._flush():
             self._flusher.watch(self)
 
-    def _write_queued(self) -> None:
-        """Write what the kernel takes now, without blocking; lock held."""
+    def _write_queued(self) -> bool:
+        """Write once what the kernel takes now, without blocking; lock held.
+
+        Returns whether it took anything; a failed write aborts the
+        connection and raises.
+        """
         try:
             sent = self._sock.send(self._out, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
-            return
+            return False
         except OSError as exc:
             self._abort(exc)
             raise
@@ -283,6 +277,7 @@ class BufferedSocket:
             del self._out[:sent]
             self._since = time.monotonic()
             self._notify_drained()
+        return sent > 0
 
     def _flush(self) -> bool:
         """Write what the kernel takes now; return True when nothing is left."""
@@ -297,14 +292,10 @@ class BufferedSocket:
                 return True
             while self._out:
                 try:
-                    sent = self._sock.send(self._out, socket.MSG_DONTWAIT)
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError as exc:
-                    self._abort(exc)
-                    return True
-                del self._out[:sent]
-                self._since = time.monotonic()
+                    if not self._write_queued():
+                        break
+                except OSError:
+                    return True  # aborted
             self._notify_drained()
             if self._out:
                 return False
@@ -329,6 +320,12 @@ class BufferedSocket:
         return expired
 
     # -- internals (lock held) ----------------------------------------------
+
+    def _overflow(self) -> Exception:
+        """Abort: the buffer would pass ``max_outbuf``; lock held. Return the error."""
+        self._abort(SlowReceiver("outgoing buffer full"))
+        self._flusher.slow_receiver(self)
+        return self._error
 
     def _notify_drained(self) -> None:
         """Wake a wait_drained, if one ever waited; lock held."""
