@@ -333,8 +333,11 @@ def message_dict(row) -> dict:
 
 _MESSAGE_COLUMNS = "m.id, m.sender_id, m.recipient_id, m.group_id, m.body, m.ts, m.cid"
 
-# Rows per INSERT of messages, ids per UPDATE of seqs: well under SQLite's
-# and PostgreSQL's limits on parameters in one statement.
+# Rows per INSERT of messages or inbox entries, ids per UPDATE of seqs or
+# acks: well under SQLite's and PostgreSQL's limits on parameters in one
+# statement. One statement for many rows, not ``executemany``: the writer
+# holds the write lock meanwhile, and ``executemany`` gives the GIL away
+# and waits for it again for every row.
 _INSERT_ROWS = 500
 _UPDATE_IDS = 500
 
@@ -647,19 +650,24 @@ class Store:
         """Run in the committer before each commit: insert the batch's inbox rows."""
         rows = list(self._pending_inbox)
         self._pending_inbox.clear()
-        if rows:
-            self.db.cursor().executemany(
-                self._sql("INSERT INTO inbox (user_id, seq, message_id) VALUES (?, ?, ?)"),
-                rows)
+        for start in range(0, len(rows), _INSERT_ROWS):
+            chunk = rows[start:start + _INSERT_ROWS]
+            self._execute("INSERT INTO inbox (user_id, seq, message_id) VALUES "
+                          + ", ".join(["(?, ?, ?)"] * len(chunk)),
+                          [value for row in chunk for value in row])
 
     def _write_acks(self, db):
-        """Run in the committer: write every gathered ack."""
+        """Run in the committer: write every gathered ack, one statement per 500 users."""
         with self._acks_lock:
             acks, self._acks = self._acks, {}
-        if acks:
-            self.db.cursor().executemany(
-                self._sql("UPDATE users SET acked_seq = ? WHERE id = ? AND acked_seq < ?"),
-                [(seq, user_id, seq) for user_id, seq in acks.items()])
+        items = list(acks.items())
+        for start in range(0, len(items), _UPDATE_IDS):
+            chunk = items[start:start + _UPDATE_IDS]
+            self._execute(
+                "WITH a (id, seq) AS (VALUES " + ", ".join(["(?, ?)"] * len(chunk))
+                + ") UPDATE users SET acked_seq = a.seq FROM a"
+                " WHERE users.id = a.id AND users.acked_seq < a.seq",
+                [value for item in chunk for value in item])
         return None, None
 
     def cursor(self, user_id: int) -> tuple[int, int]:

@@ -178,3 +178,23 @@ def test_a_message_refused_in_a_batch_leaves_the_others_stored(store):
     assert good2.result(T).entries == [(carol, 1)]
     history, _ = st.history_group(group, None, 50)
     assert [m["body"] for m in history] == ["one"]
+
+
+def test_acks_of_many_users_in_one_batch_move_each_cursor_up_only(store):
+    """One statement writes every user's ack; an ack below the cursor moves nothing."""
+    st, _ = store
+    ids = users(st, 3)
+    for n in range(3):
+        st.send(ids[0], f"m{n}", f"c{n}", to=ids[1]).result(T)
+        st.send(ids[0], f"g{n}", f"d{n}", to=ids[2]).result(T)
+    st.ack(ids[2], 3)
+    wait_until(lambda: st.cursor(ids[2]) == (3, 3))
+    gate = Gate(st)
+    st.ack(ids[1], 2)
+    st.ack(ids[2], 1)  # below the cursor: must not lower it
+    st.ack(ids[1], 1)  # a lower ack after a higher one of the same batch
+    gate.open()
+    st.committer.run(lambda db: (None, None))  # a barrier: the acks' batch is committed
+    assert st.cursor(ids[1]) == (2, 3)
+    assert st.cursor(ids[2]) == (3, 3)
+    assert st.cursor(ids[0]) == (0, 0)
