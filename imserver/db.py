@@ -9,6 +9,15 @@ loses nothing acknowledged (only an OS crash or power cut could lose the
 last commits; ``IMSERVER_DATABASE_URL=sqlite:///...?synchronous=full``
 buys that too, at one fsync per commit).
 
+Checkpoints (copying the WAL back into the database file) are not left to
+the committing connection: SQLite's automatic checkpoint would run inside
+the writer's ``COMMIT``, holding up every write of every worker meanwhile.
+``wal_autocheckpoint`` is 0 and the app's ``Checkpointer`` thread runs a
+``PASSIVE`` checkpoint on its own connection after commits (at most every
+``CHECKPOINT_GAP`` seconds), which takes no write lock, so the writers go on
+while it copies and syncs. ``journal_size_limit`` gives the WAL file's space
+back after a burst.
+
 Schema: ``init_schema`` creates the tables on first start and then runs the
 steps of ``MIGRATIONS`` above the database's stored version, each in a
 transaction, so a later change adds a step instead of losing data.
@@ -31,13 +40,37 @@ logger = logging.getLogger(__name__)
 # version -> function(database) that moves the schema from version-1 to it.
 MIGRATIONS: dict = {}
 
+
+def _drop_covered_indexes(database: peewee.Database) -> None:
+    """Version 2: drop the indexes that other indexes cover.
+
+    The foreign keys' own indexes (composite ones start with those columns),
+    and (sender, recipient, id): direct history reads both directions of a
+    conversation through (recipient, sender, id).
+    """
+    for name in ("message_sender_id", "message_recipient_id", "message_group_id",
+                 "message_sender_id_recipient_id_id",
+                 "inbox_user_id", "inbox_message_id", "groupmember_group_id",
+                 "groupmember_user_id"):
+        database.execute_sql(f'DROP INDEX IF EXISTS "{name}"')
+
+
+MIGRATIONS[2] = _drop_covered_indexes
+
 SQLITE_PRAGMAS = {
     "journal_mode": "wal",
     "synchronous": "normal",
     "foreign_keys": 1,
     "busy_timeout": 10000,
     "cache_size": -16000,
+    # Checkpoints run in the Checkpointer thread, not in the writer's COMMIT.
+    "wal_autocheckpoint": 0,
+    # Bytes of WAL file kept after a checkpoint lets it start over.
+    "journal_size_limit": 64 * 1024 * 1024,
 }
+
+# Seconds between checkpoints while commits keep coming.
+CHECKPOINT_GAP = 0.25
 
 
 def default_url(instance_path: str) -> str:
@@ -57,6 +90,64 @@ def open_database(url: str) -> peewee.Database:
         return db_url.connect(f"{scheme}+pool{sep}{rest}", max_connections=32,
                               stale_timeout=300, timeout=10)
     return db_url.connect(url)
+
+
+def is_sqlite(database: peewee.Database) -> bool:
+    return isinstance(database, peewee.SqliteDatabase)
+
+
+class Checkpointer:
+    """Copies SQLite's WAL into the database file, off the writer's path.
+
+    ``wake()`` after a commit; the thread runs ``PRAGMA
+    wal_checkpoint(PASSIVE)`` on its own connection, at most once every
+    ``gap`` seconds. A passive checkpoint waits for no reader or writer:
+    it copies what is committed and not in use, and the next write after a
+    complete one starts the WAL over.
+    """
+
+    def __init__(self, database: peewee.Database, gap: float = CHECKPOINT_GAP) -> None:
+        self._db = database
+        self._gap = gap
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        # How many checkpoints ran, and the last one's (busy, wal frames,
+        # frames copied): for tests and logs.
+        self.runs = 0
+        self.last = None
+        self._thread = threading.Thread(target=self._run, name="imserver-checkpoint",
+                                        daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        """Ask for a checkpoint (called after each commit)."""
+        self._wake.set()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the thread (closing the last connection checkpoints anyway)."""
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+
+    def checkpoint(self) -> tuple:
+        """Run one passive checkpoint now; return (busy, wal frames, copied)."""
+        with self._db.connection_context():
+            row = self._db.execute_sql("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        self.runs += 1
+        self.last = tuple(row)
+        return self.last
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            try:
+                self.checkpoint()
+            except peewee.DatabaseError as exc:
+                # Not fatal: the WAL only grows until the next one succeeds.
+                logger.warning("checkpoint failed: %s", exc)
+            if self._stop.wait(self._gap):
+                return
 
 
 def init_database(url: str, wait: bool = True) -> peewee.Database:

@@ -3,8 +3,8 @@
 ``create_app`` builds one ``Hub`` and keeps it in
 ``app.extensions["imserver"]``; views reach it with ``current_hub()``. It
 owns the process's threads: the committer (the one writer), the flusher
-(queued socket writes) and the heartbeat, and it stops them in
-``shutdown``.
+(queued socket writes), the heartbeat and, on SQLite, the checkpointer, and
+it stops them in ``shutdown``.
 
 The way of a message: ws.py or the HTTP view calls ``delivery.submit``; the
 ``Store`` queues it to the ``Committer``; after the commit the committer
@@ -24,6 +24,8 @@ from flask import current_app
 from imserver.broker import LocalBroker
 from imserver.broker import RedisBroker
 from imserver.conn_manager import ConnManager
+from imserver.db import Checkpointer
+from imserver.db import is_sqlite
 from imserver.heartbeat import Heartbeat
 from imserver.metrics import Metrics
 from imserver.ratelimit import RateLimiter
@@ -55,6 +57,12 @@ class Hub:
                            on_new_messages=self.metrics.messages.inc)
         self.committer.cork = self.flusher.corked
         self.committer.after_commit.append(self.metrics.batch_done)
+        # SQLite: the WAL is copied back by a thread of its own, not in the
+        # writer's COMMIT (see imserver.db).
+        self.checkpointer = None
+        if is_sqlite(database):
+            self.checkpointer = Checkpointer(database)
+            self.committer.after_commit.append(self.checkpointer.wake)
         # Connection tokens: "<node>/<n>", unique per connection.
         self._tokens = itertools.count(1)
         if config["REDIS_URL"]:
@@ -227,6 +235,8 @@ class Hub:
         self.heartbeat.stop()
         self._catch_up_pool.shutdown(wait=False, cancel_futures=True)
         self.committer.stop()
+        if self.checkpointer is not None:
+            self.checkpointer.stop()
         self.broker.close()
         self.flusher.stop()
 

@@ -22,8 +22,11 @@ import peewee
 
 database = peewee.DatabaseProxy()
 
-# Bump when the schema changes, and add a step to MIGRATIONS in store.py.
-SCHEMA_VERSION = 1
+# Bump when the schema changes, and add a step to MIGRATIONS in db.py.
+# 2: no single-column index on a foreign key that a composite index starts
+#    with, and one index for direct history instead of two mirror images
+#    (each was written on every insert and read by no query).
+SCHEMA_VERSION = 2
 
 
 class BaseModel(peewee.Model):
@@ -55,8 +58,11 @@ class Group(BaseModel):
 
 
 class GroupMember(BaseModel):
-    group = peewee.ForeignKeyField(Group, backref="members", on_delete="CASCADE")
-    user = peewee.ForeignKeyField(User, backref="memberships")
+    # No index of their own: the primary key starts with group, the unique
+    # index below with user.
+    group = peewee.ForeignKeyField(Group, backref="members", on_delete="CASCADE",
+                                   index=False)
+    user = peewee.ForeignKeyField(User, backref="memberships", index=False)
     joined_at = peewee.BigIntegerField()
     # The newest message id when the member joined: its group history starts
     # after it, as its inbox does.
@@ -70,10 +76,13 @@ class GroupMember(BaseModel):
 
 class Message(BaseModel):
     id = peewee.BigAutoField()
-    sender = peewee.ForeignKeyField(User, backref="sent_messages")
+    # The foreign keys have no index of their own: each composite index
+    # below starts with one of them, and every insert writes every index.
+    sender = peewee.ForeignKeyField(User, backref="sent_messages", index=False)
     # Exactly one of recipient and group is set.
-    recipient = peewee.ForeignKeyField(User, null=True, backref="received_messages")
-    group = peewee.ForeignKeyField(Group, null=True, backref="messages")
+    recipient = peewee.ForeignKeyField(User, null=True, backref="received_messages",
+                                       index=False)
+    group = peewee.ForeignKeyField(Group, null=True, backref="messages", index=False)
     body = peewee.TextField()
     ts = peewee.BigIntegerField()
     cid = peewee.CharField(max_length=64, null=True)
@@ -83,8 +92,8 @@ class Message(BaseModel):
         indexes = (
             # Idempotent cid: one message per (sender, cid).
             (("sender", "cid"), True),
-            # History between two users, newest first.
-            (("sender", "recipient", "id"), False),
+            # History between two users, newest first: both directions of
+            # a conversation read this one index.
             (("recipient", "sender", "id"), False),
             # Group history, newest first.
             (("group", "id"), False),
@@ -92,9 +101,11 @@ class Message(BaseModel):
 
 
 class Inbox(BaseModel):
-    user = peewee.ForeignKeyField(User, backref="inbox")
+    # The primary key (user, seq) serves every read; messages are never
+    # deleted, so nothing looks entries up by message.
+    user = peewee.ForeignKeyField(User, backref="inbox", index=False)
     seq = peewee.BigIntegerField()
-    message = peewee.ForeignKeyField(Message)
+    message = peewee.ForeignKeyField(Message, index=False)
 
     class Meta:
         table_name = "inbox"
