@@ -18,7 +18,10 @@ Imports: peewee, stdlib, ``imserver.models``, ``imserver.errors``,
 
 import collections
 import contextlib
+import fcntl
+import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -55,7 +58,7 @@ class Stored:
     """A message committed (or found again by its cid).
 
     Made empty when the message is queued in the writer and filled in just
-    before the commit, when the batch's messages are written together.
+    after the commit of the batch that wrote it.
     """
 
     message: dict | None = None
@@ -149,6 +152,10 @@ class Committer:
         # ``before_commit`` returns more deliveries, or None.
         self.batch_started = None
         self.before_commit = None
+        # Called right after the commit, before the answers: for the work
+        # that need not hold the write lock (building the frames). Returns
+        # more deliveries, or None.
+        self.committed = None
         # Called after each batch is committed, answered and delivered.
         self.after_commit: list = []
         # A context manager around the answers and deliveries of a batch
@@ -156,6 +163,8 @@ class Committer:
         self.cork = contextlib.nullcontext
         # Called with (seconds, ops) after each commit, for metrics.
         self._observe = observe
+        # Taken around each transaction: whose turn it is among processes.
+        self._turn = writer_turn(db)
         # Operations waiting for the writer: (op, pending).
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="imserver-committer",
@@ -208,6 +217,8 @@ class Committer:
             self._db.close()
         except Exception:
             pass
+        if isinstance(self._turn, WriterTurn):
+            self._turn.close()
 
     def _commit(self, batch: list, attempts: int = 3) -> None:
         error = None
@@ -272,7 +283,7 @@ class Committer:
             self.batch_started()
         if self._db.is_closed():
             self._db.connect()
-        with self._db.atomic(*_write_lock(self._db)):
+        with self._turn, self._db.atomic(*_write_lock(self._db)):
             for op, pending in batch:
                 if pending._done:
                     continue
@@ -286,6 +297,8 @@ class Committer:
                     deliveries.extend(delivered)
             if self.before_commit is not None:
                 deliveries.extend(self.before_commit() or ())
+        if self.committed is not None:
+            deliveries.extend(self.committed() or ())
         if self._observe is not None:
             self._observe(time.monotonic() - started, len(batch))
         # Store first: only now, after the commit, answer and deliver; every
@@ -300,6 +313,50 @@ class Committer:
                     logger.exception("delivery after commit failed")
         for hook in self.after_commit:
             hook()
+
+
+class WriterTurn:
+    """Orders the writers of the processes sharing one SQLite file.
+
+    SQLite's own lock makes a second writer sleep and retry (1, 2, 5, 10
+    ms...), so it wakes late, and the writer that just committed often
+    takes the lock again first: one worker's batches starve. An ``flock``
+    on a file next to the database wakes the waiting writer the moment the
+    other one commits. SQLite's lock still guards the data (and any other
+    program writing the file); this only decides whose turn it is. The lock
+    file is opened in the writer thread, after gunicorn forked, so each
+    process has its own lock.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path + "-writer.lock"
+        self._fd = None
+        self._pid = None
+
+    def __enter__(self):
+        if self._pid != os.getpid():
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            self._pid = os.getpid()
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        if self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)
+        self._fd = self._pid = None
+
+
+def writer_turn(db) -> contextlib.AbstractContextManager:
+    """Return the ``WriterTurn`` of an SQLite file, else a no-op context."""
+    db = db.obj if isinstance(db, peewee.DatabaseProxy) else db
+    path = getattr(db, "database", None)
+    if (isinstance(db, peewee.SqliteDatabase) and isinstance(path, str)
+            and path and path != ":memory:" and not path.startswith("file:")):
+        return WriterTurn(path)
+    return contextlib.nullcontext()
 
 
 def _write_lock(db) -> tuple:
@@ -372,12 +429,16 @@ class Store:
         self._batch_new = 0
         # What the batch being written gathers (only the committer touches
         # these): its messages, not yet inserted; its inbox rows; the
-        # deliveries of the messages written so far.
+        # messages written, whose frames are built after the commit, as
+        # (stored, row of the message, [(user_id, seq), ...] or None for a
+        # repeated cid).
         self._pending_messages: list[_Queued] = []
         self._pending_inbox: list[tuple[int, int, int]] = []
-        self._pending_deliveries: list[tuple[int, int, str]] = []
+        self._written: list = []
+        self._sqlite = isinstance(db, peewee.SqliteDatabase)
         committer.batch_started = self._start_batch
         committer.before_commit = self._write_pending
+        committer.committed = self._build_written
         committer.after_commit.append(self._count_batch)
         # Highest ack per user not yet written, and its lock.
         self._acks: dict[int, int] = {}
@@ -515,7 +576,9 @@ class Store:
         the recipients' ``last_seq`` per distinct number of entries they
         get, then each recipient's seqs are given out in queue order, so
         that one sender's messages keep their order in every inbox. The
-        inbox rows are inserted with the batch's others before the commit.
+        inbox rows are inserted with the batch's others before the commit;
+        the frames are built after it (``_build_written``), so that the
+        write lock is not held meanwhile.
         """
         queued = self._pending_messages
         if not queued:
@@ -525,77 +588,106 @@ class Store:
         counts: dict[int, int] = {}
         new = []
         for item, message_id in zip(queued, ids):
-            stored = item.stored
             if message_id is None:
                 # Idempotent cid: answer the message stored the first time
                 # (in an earlier batch, or earlier in this one).
                 old = self._execute(
                     f"SELECT {_MESSAGE_COLUMNS} FROM messages m"
                     " WHERE m.sender_id = ? AND m.cid = ?", (item.sender, item.cid)).fetchone()
-                stored.message = message_dict(old)
-                stored.message_json = encode_message(*old)
-                stored.new = False
+                self._written.append((item.stored, old, None))
                 continue
-            row = (message_id, item.sender, item.to, item.group, item.body, item.ts, item.cid)
-            stored.message = message_dict(row)
-            stored.message_json = encode_message(*row)
             self._batch_new += 1
             for user_id in item.recipients:
                 counts[user_id] = counts.get(user_id, 0) + 1
-            new.append((stored, message_id, item.recipients))
+            entries = []
+            self._written.append((item.stored, (message_id, item.sender, item.to, item.group,
+                                                item.body, item.ts, item.cid), entries))
+            new.append((message_id, item.recipients, entries))
         next_seq = self._take_seqs(counts)
-        for stored, message_id, recipients in new:
+        for message_id, recipients, entries in new:
             for user_id in recipients:
                 seq = next_seq.get(user_id)
                 if seq is None:
                     continue  # no such user: the message is stored, for no one
                 next_seq[user_id] = seq + 1
                 self._pending_inbox.append((user_id, seq, message_id))
-                stored.entries.append((user_id, seq))
-                self._pending_deliveries.append(
-                    (user_id, seq, encode_entry(seq, stored.message_json)))
+                entries.append((user_id, seq))
+
+    def _build_written(self) -> list:
+        """Run in the committer after the commit: fill in each ``Stored``, build frames.
+
+        Returns the deliveries ``(user_id, seq, frame)`` of the new messages.
+        """
+        written, self._written = self._written, []
+        deliveries = []
+        for stored, row, entries in written:
+            stored.message = message_dict(row)
+            stored.message_json = message_json = encode_message(*row)
+            if entries is None:
+                stored.new = False
+                continue
+            stored.entries = entries
+            for user_id, seq in entries:
+                deliveries.append((user_id, seq, encode_entry(seq, message_json)))
+        return deliveries
 
     def _insert_messages(self, queued: list) -> list:
         """Insert the queued messages at once; return each one's new id, or None.
 
-        None where ``(sender, cid)`` was already stored. The ids come back in
-        any order, so they are matched by ``(sender, cid)``; messages without
-        a cid never conflict and get their sender's ids in ascending order,
-        the order of the rows.
+        None where ``(sender, cid)`` was already stored. The new rows are
+        matched to the queue by ``(sender, cid)``; messages without a cid
+        never conflict and get their sender's ids in ascending order, the
+        order of the rows. On SQLite the new rows are read back as one JSON
+        value rather than by ``RETURNING``, whose every row costs the writer
+        a hand-off of the GIL while it holds the write lock; the write lock
+        also means that every id above the highest one before the insert is
+        this batch's.
         """
-        ids: list = []
+        rows: list = []
+        if self._sqlite:
+            highest = self._execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()[0]
         for start in range(0, len(queued), _INSERT_ROWS):
             chunk = queued[start:start + _INSERT_ROWS]
             params = []
             for item in chunk:
                 params += (item.sender, item.to, item.group, item.body, item.ts, item.cid)
-            rows = self._execute(
-                "INSERT INTO messages (sender_id, recipient_id, group_id, body, ts, cid)"
-                " VALUES " + ", ".join(["(?, ?, ?, ?, ?, ?)"] * len(chunk))
-                + " ON CONFLICT (sender_id, cid) DO NOTHING"
-                " RETURNING id, sender_id, cid", params).fetchall()
-            rows.sort()
-            by_cid = {}
-            without_cid = collections.defaultdict(collections.deque)
-            for message_id, sender, cid in rows:
-                if cid is None:
-                    without_cid[sender].append(message_id)
-                else:
-                    by_cid[(sender, cid)] = message_id
-            for item in chunk:
-                if item.cid is None:
-                    ids.append(without_cid[item.sender].popleft())
-                else:
-                    # pop: a second message with the same cid in this chunk
-                    # is a repeat of the first.
-                    ids.append(by_cid.pop((item.sender, item.cid), None))
+            query = ("INSERT INTO messages (sender_id, recipient_id, group_id, body, ts, cid)"
+                     " VALUES " + ", ".join(["(?, ?, ?, ?, ?, ?)"] * len(chunk))
+                     + " ON CONFLICT (sender_id, cid) DO NOTHING")
+            if self._sqlite:
+                self._execute(query, params)
+            else:
+                rows += self._execute(query + " RETURNING id, sender_id, cid",
+                                      params).fetchall()
+        if self._sqlite:
+            rows = json.loads(self._execute(
+                "SELECT json_group_array(json_array(id, sender_id, cid)) FROM messages"
+                " WHERE id > ?", (highest,)).fetchone()[0])
+        rows.sort()
+        by_cid = {}
+        without_cid = collections.defaultdict(collections.deque)
+        for message_id, sender, cid in rows:
+            if cid is None:
+                without_cid[sender].append(message_id)
+            else:
+                by_cid[(sender, cid)] = message_id
+        ids: list = []
+        for item in queued:
+            if item.cid is None:
+                ids.append(without_cid[item.sender].popleft())
+            else:
+                # pop: a second message with the same cid in this batch is a
+                # repeat of the first.
+                ids.append(by_cid.pop((item.sender, item.cid), None))
         return ids
 
     def _take_seqs(self, counts: dict[int, int]) -> dict[int, int]:
         """Reserve ``counts[user]`` seqs per user; return each one's first.
 
-        One ``UPDATE ... RETURNING`` per distinct count, under the row lock:
-        the seqs stay dense and unique across processes.
+        One ``UPDATE`` per distinct count, under the row lock (PostgreSQL)
+        or the write lock (SQLite): the seqs stay dense and unique across
+        processes. The new values come back by ``RETURNING`` on PostgreSQL,
+        as one JSON value on SQLite (see ``_insert_messages``).
         """
         by_count = collections.defaultdict(list)
         for user_id, count in counts.items():
@@ -604,10 +696,17 @@ class Store:
         for count, user_ids in by_count.items():
             for start in range(0, len(user_ids), _UPDATE_IDS):
                 chunk = user_ids[start:start + _UPDATE_IDS]
-                for user_id, last_seq in self._execute(
-                        "UPDATE users SET last_seq = last_seq + ? WHERE id IN ("
-                        + ", ".join("?" * len(chunk)) + ") RETURNING id, last_seq",
-                        [count, *chunk]).fetchall():
+                where = " WHERE id IN (" + ", ".join("?" * len(chunk)) + ")"
+                update = "UPDATE users SET last_seq = last_seq + ?" + where
+                if self._sqlite:
+                    self._execute(update, [count, *chunk])
+                    rows = json.loads(self._execute(
+                        "SELECT json_group_array(json_array(id, last_seq)) FROM users"
+                        + where, chunk).fetchone()[0])
+                else:
+                    rows = self._execute(update + " RETURNING id, last_seq",
+                                         [count, *chunk]).fetchall()
+                for user_id, last_seq in rows:
                     first[user_id] = last_seq - count + 1
         return first
 
@@ -630,15 +729,13 @@ class Store:
         """Run in the committer before each attempt at a batch."""
         self._pending_messages = []
         self._pending_inbox.clear()
-        self._pending_deliveries = []
+        self._written = []
         self._batch_new = 0
 
-    def _write_pending(self) -> list:
-        """Run in the committer before each commit; return the deliveries."""
+    def _write_pending(self) -> None:
+        """Run in the committer before each commit: write the batch's messages."""
         self._write_messages()
         self._write_pending_inbox()
-        deliveries, self._pending_deliveries = self._pending_deliveries, []
-        return deliveries
 
     def _count_batch(self) -> None:
         """Run in the committer after each commit: count the new messages."""

@@ -198,3 +198,51 @@ def test_acks_of_many_users_in_one_batch_move_each_cursor_up_only(store):
     assert st.cursor(ids[1]) == (2, 3)
     assert st.cursor(ids[2]) == (3, 3)
     assert st.cursor(ids[0]) == (0, 0)
+
+
+def _blocked_on_flock(pid: int) -> bool:
+    """Tell whether a thread of ``pid`` waits for an flock (``/proc/locks``)."""
+    with open("/proc/locks") as f:
+        return any("->" in line and "FLOCK" in line and f" {pid} " in f" {line} "
+                   for line in f)
+
+
+def test_a_writer_waits_for_the_turn_another_process_holds(tmp_path):
+    """Writers of several processes on one SQLite file take turns through an flock.
+
+    Another process holds the turn; this process's writer must block on it
+    (seen in ``/proc/locks``), and its transaction runs only after the other
+    one let go.
+    """
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "turn.sqlite3"
+    database = db.init_database("sqlite:///" + str(path))
+    committer = Committer(database)
+    marker = tmp_path / "released"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", (
+            "import fcntl, os, sys\n"
+            f"fd = os.open({str(path) + '-writer.lock'!r}, os.O_RDWR | os.O_CREAT)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+            "print('held', flush=True)\n"
+            "sys.stdin.readline()\n"
+            f"open({str(marker)!r}, 'w').close()\n"
+            "fcntl.flock(fd, fcntl.LOCK_UN)\n")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        pending = committer.submit(lambda conn: (marker.exists(), None))
+        wait_until(lambda: _blocked_on_flock(os.getpid()), message="the writer waiting")
+        assert not pending.done()
+        holder.stdin.write("go\n")
+        holder.stdin.flush()
+        assert pending.result(T) is True, "the transaction ran during the other's turn"
+    finally:
+        holder.kill()
+        holder.communicate()
+        committer.stop()
+        database.close()
+        models.database.initialize(None)
