@@ -14,6 +14,7 @@ never imports the ``ConnManager``.
 import json
 import logging
 import os
+import queue
 import threading
 import time
 
@@ -92,6 +93,9 @@ class RedisBroker:
     database (``on_reconnect``); a gap in live entries is filled from the
     database too, so a dropped notification only delays a delivery.
 
+    Publishing to other nodes is done by a thread of its own (the
+    publisher), in commit order, so the writer never waits on Redis.
+
     Redis errors never leave this class: a failed publish is logged and
     counted, and the entries wait in the inboxes.
     """
@@ -148,15 +152,52 @@ return 0
         self._listener = threading.Thread(target=self._listen, name="imserver-redis",
                                           daemon=True)
         self._listener.start()
+        # Entries for users held by other nodes, waiting for the publisher:
+        # lists of entries, None to stop.
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._publisher = threading.Thread(target=self._publish_loop,
+                                           name="imserver-publisher", daemon=True)
+        self._publisher.start()
 
     # -- the delivery seam ---------------------------------------------------
 
     def publish(self, entries: list) -> None:
-        """Deliver committed entries: here to local users, via Redis to others."""
+        """Deliver committed entries: here to local users, via Redis to others.
+
+        The local ones are written at once (in the writer thread); the
+        others are queued for the publisher thread, so that the writer
+        starts its next transaction instead of waiting for two Redis round
+        trips. One thread publishes, in commit order, so each user's
+        entries arrive in order; batches queued meanwhile go out together.
+        """
         connected = self._deliver(entries)
         remote = [e for e in entries if e[0] not in connected]
-        if not remote:
-            return
+        if remote:
+            self._outbox.put(remote)
+
+    def _publish_loop(self) -> None:
+        """The publisher thread: send what the writer queued until ``close``."""
+        stopping = False
+        while not stopping:
+            remote = self._outbox.get()
+            if remote is None:
+                break
+            while True:
+                try:
+                    more = self._outbox.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stopping = True
+                    break
+                remote += more
+            try:
+                self._publish_remote(remote)
+            except Exception:
+                logger.exception("publishing entries failed")
+
+    def _publish_remote(self, remote: list) -> None:
+        """Publish entries to the nodes holding their users (two round trips)."""
         try:
             user_ids = sorted({e[0] for e in remote})
             nodes = self._client.hmget(self._presence, user_ids)
@@ -267,7 +308,9 @@ return 0
                 self._probes.pop(nonce, None)
 
     def close(self) -> None:
-        """Stop the listener and forget this node."""
+        """Publish what is queued, stop the threads and forget this node."""
+        self._outbox.put(None)
+        self._publisher.join(timeout=5)
         self._stop.set()
         self._listener.join(timeout=5)
         try:
