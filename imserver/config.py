@@ -48,6 +48,9 @@ DEFAULTS = {
     "MAX_CONTENT_LENGTH": 256 * 1024,
     # Messages committed in one transaction at most (group commit).
     "COMMIT_BATCH": 512,
+    # Threads that run the database reads of connections and requests (see
+    # imserver.store._read): they bound the reads running at once.
+    "READ_THREADS": 4,
     # Open WebSockets one process accepts; past it the upgrade is refused
     # with 503. None: 10,000 (``imserver serve`` sets it from --threads).
     "MAX_CONNECTIONS": None,

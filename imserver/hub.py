@@ -2,9 +2,9 @@
 
 ``create_app`` builds one ``Hub`` and keeps it in
 ``app.extensions["imserver"]``; views reach it with ``current_hub()``. It
-owns the process's threads: the committer (the one writer), the flusher
-(queued socket writes), the heartbeat and, on SQLite, the checkpointer, and
-it stops them in ``shutdown``.
+owns the process's threads: the committer (the one writer), the store's
+readers, the flusher (queued socket writes), the heartbeat and, on SQLite,
+the checkpointer, and it stops them in ``shutdown``.
 
 The way of a message: ws.py or the HTTP view calls ``delivery.submit``; the
 ``Store`` queues it to the ``Committer``; after the commit the committer
@@ -54,7 +54,8 @@ class Hub:
                                    on_commit=self._on_commit,
                                    observe=self.metrics.observe_commit)
         self.store = Store(database, self.committer,
-                           on_new_messages=self.metrics.messages.inc)
+                           on_new_messages=self.metrics.messages.inc,
+                           readers=config["READ_THREADS"])
         self.committer.cork = self.flusher.corked
         self.committer.after_commit.append(self.metrics.batch_done)
         # SQLite: the WAL is copied back by a thread of its own, not in the
@@ -235,6 +236,7 @@ class Hub:
         self.heartbeat.stop()
         self._catch_up_pool.shutdown(wait=False, cancel_futures=True)
         self.committer.stop()
+        self.store.close()
         if self.checkpointer is not None:
             self.checkpointer.stop()
         self.broker.close()

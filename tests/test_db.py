@@ -198,3 +198,40 @@ def test_every_query_of_the_message_path_reads_through_an_index(app):
                 "EXPLAIN QUERY PLAN " + sql, params))
             assert not any(f"SCAN {name}" in plan for name in (
                 "messages", "inbox", "group_members", "users", "m", "i")), (sql, plan)
+
+
+def test_a_connections_reads_run_on_the_reader_threads(live_server):
+    """Connecting and replaying read the database on the store's reader threads.
+
+    A connection's own thread lives as long as the connection and keeps the
+    stack pages its deepest call touched; SQLite's calls are the deepest, so
+    they run on the few ``imserver-read`` threads instead.
+    """
+    import logging
+
+    class Capture(logging.Handler):
+        def emit(self, record):
+            if isinstance(record.msg, tuple) and record.msg[0].startswith("SELECT"):
+                seen.append((record.msg[0], record.threadName))
+
+    alice, bob = live_server.user(), live_server.user()
+    a = alice.connect()
+    a.send_to(bob.id, "while you were away", cid="c1")
+    assert a.recv_type("sent")["cid"] == "c1"
+    a.close()
+    seen = []
+    handler = Capture(logging.DEBUG)
+    peewee_logger = logging.getLogger("peewee")
+    old_level = peewee_logger.level
+    peewee_logger.addHandler(handler)
+    peewee_logger.setLevel(logging.DEBUG)
+    try:
+        b = bob.connect()
+        assert b.recv_type("message")["body"] == "while you were away"
+        b.close()
+    finally:
+        peewee_logger.removeHandler(handler)
+        peewee_logger.setLevel(old_level)
+    assert any("acked_seq" in sql for sql, _ in seen), seen  # the cursor
+    assert any("FROM inbox" in sql for sql, _ in seen), seen  # the replay
+    assert all(thread.startswith("imserver-read") for _, thread in seen), seen
