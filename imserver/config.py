@@ -48,6 +48,10 @@ DEFAULTS = {
     "MAX_CONTENT_LENGTH": 256 * 1024,
     # Messages committed in one transaction at most (group commit).
     "COMMIT_BATCH": 512,
+    # Seconds a thread may keep the GIL while another waits for it, set in
+    # each gunicorn worker (imserver.gunicorn_conf): Python's 5 ms made
+    # thousands of waiting threads a storm of wake-ups.
+    "SWITCH_INTERVAL": 0.1,
     # Threads that run the database reads of connections and requests (see
     # imserver.store._read): they bound the reads running at once.
     "READ_THREADS": 4,

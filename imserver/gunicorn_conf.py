@@ -18,12 +18,26 @@ Why these values:
   the main thread of the GIL for seconds, so it is generous.
 - On SIGTERM each worker closes every WebSocket with 1001 at once (the
   ``post_worker_init`` hook below), then gunicorn's graceful stop ends.
+- The GIL's switch interval is ``SWITCH_INTERVAL`` (100 ms, not Python's 5
+  ms): a thread waiting for the GIL wakes up every interval to ask for it,
+  and with thousands of connection threads waiting at once (a burst after
+  any pause of the GIL's holder) those wake-ups became a storm that kept
+  the process in the kernel: a 200 ms pause at the start of a burst from
+  10,000 connections made 1.4 million context switches and 13 s of delay
+  at 5 ms, 38 thousand and 1.05 s at 100 ms (docs/performance.md, idle).
+  Our threads hold the GIL for microseconds to a few milliseconds and give
+  it up on every blocking call, so the longer interval costs nothing
+  measurable elsewhere.
 """
 
+import json
 import os
 import resource
 import signal
+import sys
 import threading
+
+from imserver.config import DEFAULTS
 
 bind = os.environ.get("IMSERVER_BIND", "127.0.0.1:5000")
 worker_class = "gthread"
@@ -52,10 +66,18 @@ def _raise_fd_limit() -> None:
             pass
 
 
+def switch_interval() -> float:
+    """Return ``IMSERVER_SWITCH_INTERVAL`` if set, else the default (seconds)."""
+    value = os.environ.get("IMSERVER_SWITCH_INTERVAL")
+    return float(json.loads(value)) if value else DEFAULTS["SWITCH_INTERVAL"]
+
+
 def post_fork(server, worker):
-    """Prepare a worker: more file descriptors, smaller thread stacks."""
+    """Prepare a worker: more file descriptors, smaller thread stacks, the
+    GIL's switch interval."""
     _raise_fd_limit()
     threading.stack_size(THREAD_STACK_SIZE)
+    sys.setswitchinterval(switch_interval())
 
 
 def child_exit(server, worker):

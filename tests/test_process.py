@@ -235,6 +235,23 @@ def test_sigterm_closes_with_1001_and_keeps_what_was_acked(servers):
 # -- 4. several workers need Redis -----------------------------------------------------
 
 
+@pytest.mark.parametrize("setting,expected", [(None, 0.1), ("0.02", 0.02)])
+def test_a_worker_takes_the_gils_switch_interval_from_the_settings(setting, expected):
+    """Each gunicorn worker waits 100 ms (or IMSERVER_SWITCH_INTERVAL) before
+    forcing the GIL from its holder, not Python's 5 ms (a storm of wake-ups
+    with thousands of threads waiting)."""
+    env = {k: v for k, v in os.environ.items() if k != "IMSERVER_SWITCH_INTERVAL"}
+    if setting is not None:
+        env["IMSERVER_SWITCH_INTERVAL"] = setting
+    out = subprocess.run(
+        [sys.executable, "-c", "import sys; from imserver import gunicorn_conf;"
+         " before = sys.getswitchinterval(); gunicorn_conf.post_fork(None, None);"
+         " print(before, sys.getswitchinterval())"],
+        env=env, capture_output=True, text=True, timeout=T, check=True).stdout.split()
+    assert float(out[0]) == 0.005
+    assert float(out[1]) == pytest.approx(expected)
+
+
 def test_several_workers_without_redis_are_refused(tmp_path):
     env = server_env(tmp_path)
     result = subprocess.run(serve_argv(free_port(), "--workers", "2"), env=env,
