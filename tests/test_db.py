@@ -1,5 +1,7 @@
 """The schema: created on first start, migrated later without losing data."""
 
+import contextlib
+import logging
 import sqlite3
 
 import peewee
@@ -95,6 +97,31 @@ def test_the_checkpointer_copies_committed_messages_into_the_database_file(app, 
     assert frames > 0 and busy == 0
 
 
+@contextlib.contextmanager
+def traced_queries():
+    """Yield a list that gets ``(sql, params, thread name)`` of every query run.
+
+    Taken from peewee's query log (``peewee`` logger, DEBUG), in any thread.
+    """
+    queries = []
+
+    class Capture(logging.Handler):
+        def emit(self, record):
+            if isinstance(record.msg, tuple):
+                queries.append((*record.msg, record.threadName))
+
+    handler = Capture(logging.DEBUG)
+    peewee_logger = logging.getLogger("peewee")
+    old_level = peewee_logger.level
+    peewee_logger.addHandler(handler)
+    peewee_logger.setLevel(logging.DEBUG)
+    try:
+        yield queries
+    finally:
+        peewee_logger.removeHandler(handler)
+        peewee_logger.setLevel(old_level)
+
+
 def _indexes(conn):
     return {r[0] for r in conn.execute(
         "SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL")}
@@ -149,24 +176,11 @@ def test_every_query_of_the_message_path_reads_through_an_index(app):
     reads all of messages, inbox, group_members or users would grow with
     the data.
     """
-    import logging
-
     from conftest import T
-
-    class Capture(logging.Handler):
-        def emit(self, record):
-            if isinstance(record.msg, tuple):
-                traced.append(record.msg)
 
     hub = app.extensions["imserver"]
     store = hub.store
-    traced = []
-    handler = Capture(logging.DEBUG)
-    peewee_logger = logging.getLogger("peewee")
-    old_level = peewee_logger.level
-    peewee_logger.addHandler(handler)
-    peewee_logger.setLevel(logging.DEBUG)
-    try:
+    with traced_queries() as traced:
         alice, bob, carol = (store.create_user(n, "!")["id"] for n in ("a", "b", "c"))
         group = store.create_group(alice, "g", [bob], 500)["id"]
         store.send(alice, "hi", "1", to=bob).result(T)
@@ -183,10 +197,7 @@ def test_every_query_of_the_message_path_reads_through_an_index(app):
         store.last_seqs([alice, bob])
         store.cursor(bob)
         store.committer.run(lambda conn: (None, None))  # the acks are written
-    finally:
-        peewee_logger.removeHandler(handler)
-        peewee_logger.setLevel(old_level)
-    reading = [(sql, params) for sql, params in traced
+    reading = [(sql, params) for sql, params, _ in traced
                if sql.split(None, 1)[0].upper() in ("SELECT", "UPDATE", "DELETE", "WITH")]
     queried = " ".join(sql for sql, _ in reading)
     for needed in ("FROM inbox i", "m.recipient_id = ?", "m.group_id = ?",
@@ -207,31 +218,16 @@ def test_a_connections_reads_run_on_the_reader_threads(live_server):
     stack pages its deepest call touched; SQLite's calls are the deepest, so
     they run on the few ``imserver-read`` threads instead.
     """
-    import logging
-
-    class Capture(logging.Handler):
-        def emit(self, record):
-            if isinstance(record.msg, tuple) and record.msg[0].startswith("SELECT"):
-                seen.append((record.msg[0], record.threadName))
-
     alice, bob = live_server.user(), live_server.user()
     a = alice.connect()
     a.send_to(bob.id, "while you were away", cid="c1")
     assert a.recv_type("sent")["cid"] == "c1"
     a.close()
-    seen = []
-    handler = Capture(logging.DEBUG)
-    peewee_logger = logging.getLogger("peewee")
-    old_level = peewee_logger.level
-    peewee_logger.addHandler(handler)
-    peewee_logger.setLevel(logging.DEBUG)
-    try:
+    with traced_queries() as traced:
         b = bob.connect()
         assert b.recv_type("message")["body"] == "while you were away"
         b.close()
-    finally:
-        peewee_logger.removeHandler(handler)
-        peewee_logger.setLevel(old_level)
+    seen = [(sql, thread) for sql, _, thread in traced if sql.startswith("SELECT")]
     assert any("acked_seq" in sql for sql, _ in seen), seen  # the cursor
     assert any("FROM inbox" in sql for sql, _ in seen), seen  # the replay
     assert all(thread.startswith("imserver-read") for _, thread in seen), seen
