@@ -417,12 +417,18 @@ class _Queued:
 
 
 # Marks the threads that run the Store's reads themselves: its readers and
-# the writer (whose reads belong to its transaction).
+# the writer (whose reads belong to its transaction); the readers also keep
+# their connection open between reads.
 _inline = threading.local()
 
 
 def _read_inline() -> None:
     _inline.reads = True
+
+
+def _start_reader() -> None:
+    _inline.reads = True
+    _inline.keeps_connection = True
 
 
 def _read(method):
@@ -434,7 +440,9 @@ def _read(method):
     waits, so its reads (the token's user, the cursor, the replay) run on a
     few reader threads instead: its stack stays at three touched pages,
     8 KB less per idle connection. It also bounds how many reads run at
-    once. A reader thread, the writer, or a Store without readers reads
+    once, and each reader keeps its connection: opening an SQLite
+    connection with our pragmas costs about 450 µs, a read on an open one
+    7 µs. A reader thread, the writer, or a Store without readers reads
     inline.
     """
 
@@ -469,7 +477,7 @@ class Store:
         if readers:
             self._readers = concurrent.futures.ThreadPoolExecutor(
                 max_workers=readers, thread_name_prefix="imserver-read",
-                initializer=_read_inline)
+                initializer=_start_reader)
         # Called after each commit with how many new messages it stored.
         self._on_new_messages = on_new_messages
         self._batch_new = 0
@@ -498,14 +506,30 @@ class Store:
     def _reading(self):
         """Lend this thread a connection; a database failure becomes ``Unavailable``.
 
+        A reader thread keeps its connection open; any other thread opens
+        one for the read and closes it.
+
         Foreign exceptions are translated once, here, so that no caller (the
         WebSocket handler least of all) ever sees a peewee error.
         """
+        keep = getattr(_inline, "keeps_connection", False)
         try:
-            with self.db.connection_context():
+            if keep:
+                # A reader thread: its connection stays open for the next read.
+                self.db.connect(reuse_if_open=True)
                 yield
+            else:
+                with self.db.connection_context():
+                    yield
         except (peewee.OperationalError, peewee.InterfaceError) as exc:
             logger.warning("database read failed: %s", exc)
+            if keep:
+                # The connection may be the broken part: the next read opens
+                # a new one.
+                try:
+                    self.db.close()
+                except Exception:
+                    pass
             raise Unavailable("the database is unavailable, try again") from exc
 
     def _sql(self, query: str) -> str:

@@ -113,13 +113,19 @@ def rude_clients(port, token):
             upgraded_then_close_without_close_frame, bad_token_then_reset]
 
 
+# The database file, its WAL and its shared memory.
+_SQLITE_FILES = (".sqlite3", ".sqlite3-wal", ".sqlite3-shm")
+
+
 def worker_state(server):
     """Return ``(threads, open fds, imserver_connections)`` of the one worker.
 
-    Descriptors of the SQLite file itself are left out: SQLite keeps the
-    descriptor of a closed connection open while other connections of the
-    process hold locks on the file, and reuses it later (its "unused file
-    descriptors" list), so their number follows concurrency, not leaks.
+    Descriptors of the SQLite files (the database, its WAL and shared
+    memory) are left out: SQLite keeps the descriptor of a closed
+    connection open while other connections of the process hold locks on
+    the file, and reuses it later (its "unused file descriptors" list), and
+    each of the store's reader threads, started on first use, keeps its
+    connection; so their number follows concurrency, not leaks.
     ``sqlite_fds`` counts them, to bound them separately.
     """
     (pid,) = server.worker_pids()
@@ -131,7 +137,7 @@ def worker_state(server):
             targets.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
         except OSError:
             pass
-    fds = sum(1 for t in targets if not t.endswith(".sqlite3"))
+    fds = sum(1 for t in targets if not t.endswith(_SQLITE_FILES))
     _, text = server.get_text("/metrics")
     conns = next(float(line.split()[1]) for line in text.splitlines()
                  if line.startswith("imserver_connections "))
@@ -144,7 +150,7 @@ def sqlite_fds(server) -> int:
     count = 0
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
-            count += os.readlink(f"/proc/{pid}/fd/{fd}").endswith(".sqlite3")
+            count += os.readlink(f"/proc/{pid}/fd/{fd}").endswith(_SQLITE_FILES)
         except OSError:
             pass
     return count
