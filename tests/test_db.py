@@ -231,3 +231,43 @@ def test_a_connections_reads_run_on_the_reader_threads(live_server):
     assert any("acked_seq" in sql for sql, _ in seen), seen  # the cursor
     assert any("FROM inbox" in sql for sql, _ in seen), seen  # the replay
     assert all(thread.startswith("imserver-read") for _, thread in seen), seen
+
+
+def test_a_reader_whose_connection_broke_opens_a_new_one(pg_url):
+    """The readers keep their PostgreSQL connections; when the server drops
+    them, each reader answers one read with ``Unavailable`` and the next
+    reads work again on a new connection."""
+    import psycopg
+
+    from imserver.errors import Unavailable
+    from imserver.store import Committer
+    from imserver.store import Store
+
+    database = db.init_database(pg_url)
+    committer = Committer(database)
+    store = Store(database, committer, readers=2)
+    try:
+        alice = store.create_user("alice", "!")["id"]
+        assert store.cursor(alice) == (0, 0)
+        name = pg_url.rpartition("/")[2]
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            killed = conn.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = %s AND pid <> pg_backend_pid()", (name,)).fetchone()[0]
+        assert killed >= 1
+        failures = 0
+        for _ in range(3):  # each of the 2 readers may fail once
+            try:
+                store.cursor(alice)
+            except Unavailable:
+                failures += 1
+        assert failures <= 2
+        for _ in range(5):
+            assert store.cursor(alice) == (0, 0)
+    finally:
+        store.close()
+        committer.stop()
+        database.close()
+        if hasattr(database, "close_all"):
+            database.close_all()
+        models.database.initialize(None)
