@@ -301,9 +301,16 @@ class Committer:
             if self.before_commit is not None:
                 deliveries.extend(self.before_commit() or ())
         if self.committed is not None:
-            deliveries.extend(self.committed() or ())
+            # Committed: from here on nothing may make the batch run again.
+            try:
+                deliveries.extend(self.committed() or ())
+            except Exception:
+                logger.exception("work after the commit failed")
         if self._observe is not None:
-            self._observe(time.monotonic() - started, len(batch))
+            try:
+                self._observe(time.monotonic() - started, len(batch))
+            except Exception:
+                logger.exception("commit metrics failed")
         # Store first: only now, after the commit, answer and deliver; every
         # frame a connection gets from this batch goes out in one write.
         with self.cork():
@@ -315,7 +322,10 @@ class Committer:
                 except Exception:
                     logger.exception("delivery after commit failed")
         for hook in self.after_commit:
-            hook()
+            try:
+                hook()
+            except Exception:
+                logger.exception("after-commit hook failed")
 
 
 class WriterTurn:

@@ -246,3 +246,34 @@ def test_a_writer_waits_for_the_turn_another_process_holds(tmp_path):
         committer.stop()
         database.close()
         models.database.initialize(None)
+
+
+def test_a_failing_after_commit_hook_leaves_the_batch_and_the_other_hooks_alone(store):
+    """Once committed, a batch is answered once and stored once, and every
+    after-commit hook runs even when one of them raises."""
+    st, delivered = store
+    alice, bob = users(st, 2)
+    ran = []
+
+    def boom():
+        raise RuntimeError("a hook failed")
+
+    gate = Gate(st)  # the two messages share one batch
+    hooks = [boom, lambda: ran.append(1)]
+    st.committer.after_commit.extend(hooks)
+    try:
+        first = st.send(alice, "one", None, to=bob)
+        second = st.send(alice, "two", None, to=bob)
+        gate.open()
+        assert first.result(T).entries == [(bob, 1)]
+        assert second.result(T).entries == [(bob, 2)]
+        st.committer.run(lambda conn: (None, None))  # anything re-run is done by now
+    finally:
+        for hook in hooks:
+            st.committer.after_commit.remove(hook)
+    history, _ = st.history_direct(alice, bob, None, 50)
+    assert sorted(m["body"] for m in history) == ["one", "two"]
+    assert st.cursor(bob) == (0, 2)
+    # After the gate's batch and the messages' (the barrier's may run or not
+    # before the hooks are removed).
+    assert len(ran) >= 2
