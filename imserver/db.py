@@ -143,9 +143,10 @@ class Checkpointer:
             self._wake.clear()
             try:
                 self.checkpoint()
-            except peewee.DatabaseError as exc:
-                # Not fatal: the WAL only grows until the next one succeeds.
-                logger.warning("checkpoint failed: %s", exc)
+            except Exception as exc:
+                # Never fatal to the thread: the WAL only grows until the
+                # next checkpoint succeeds.
+                logger.warning("checkpoint failed: %r", exc)
             if self._stop.wait(self._gap):
                 return
 
