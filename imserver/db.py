@@ -92,7 +92,10 @@ def open_database(url: str) -> peewee.Database:
     return db_url.connect(url)
 
 
-def is_sqlite(database: peewee.Database) -> bool:
+def is_sqlite(database) -> bool:
+    """Tell whether ``database`` (or the database a proxy points at) is SQLite."""
+    if isinstance(database, peewee.DatabaseProxy):
+        database = database.obj
     return isinstance(database, peewee.SqliteDatabase)
 
 
@@ -130,9 +133,17 @@ class Checkpointer:
         self._thread.join(timeout)
 
     def checkpoint(self) -> tuple:
-        """Run one passive checkpoint now; return (busy, wal frames, copied)."""
-        with self._db.connection_context():
+        """Run one passive checkpoint now; return (busy, wal frames, copied).
+
+        The calling thread's connection is kept for the next one (opening
+        one costs more than an idle checkpoint); a failure closes it.
+        """
+        try:
+            self._db.connect(reuse_if_open=True)
             row = self._db.execute_sql("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except Exception:
+            self._close_quietly()
+            raise
         self.runs += 1
         self.last = tuple(row)
         return self.last
@@ -148,7 +159,14 @@ class Checkpointer:
                 # next checkpoint succeeds.
                 logger.warning("checkpoint failed: %r", exc)
             if self._stop.wait(self._gap):
+                self._close_quietly()
                 return
+
+    def _close_quietly(self) -> None:
+        try:
+            self._db.close()
+        except Exception:
+            pass
 
 
 def init_database(url: str, wait: bool = True) -> peewee.Database:

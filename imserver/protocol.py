@@ -192,8 +192,8 @@ def encode_message(message_id: int, sender: int, to: int | None, group: int | No
                    body: str, ts: int, cid: str | None) -> str:
     """Encode the contract's message object once, to be framed for every recipient.
 
-    The keys in the order of ``encode_message_body``: ``id``, ``from``,
-    ``group`` or ``to``, ``body``, ``ts``, ``cid``.
+    The keys in the contract's order: ``id``, ``from``, ``group`` or
+    ``to``, ``body``, ``ts``, ``cid``.
     """
     if group is not None:
         target = '"group":%d' % group
@@ -203,15 +203,10 @@ def encode_message(message_id: int, sender: int, to: int | None, group: int | No
         message_id, sender, target, _quote(body), ts, _json_str(cid))
 
 
-def encode_message_body(message: dict) -> str:
-    """Encode a message object (a dict) once, to be framed for many recipients."""
-    return _dumps(message)
-
-
 def encode_entry(seq: int, message_json: str) -> str:
     """Build a ``message`` frame for one inbox entry.
 
-    ``message_json`` is the message encoded once by ``encode_message_body``;
+    ``message_json`` is the message encoded once by ``encode_message``;
     only ``seq`` differs between the recipients of a group message, so the
     frame is spliced instead of encoded again for each of them.
     """

@@ -12,8 +12,8 @@ makes deliverable (inbox entries) is handed, in commit order, to the
 
 Reads run in the caller's thread on its own connection.
 
-Imports: peewee, stdlib, ``imserver.models``, ``imserver.errors``,
-``imserver.protocol`` (frame encoding). Never Flask.
+Imports: peewee, stdlib, ``imserver.models``, ``imserver.db`` (``is_sqlite``),
+``imserver.errors``, ``imserver.protocol`` (frame encoding). Never Flask.
 """
 
 import collections
@@ -33,6 +33,7 @@ from dataclasses import field
 import peewee
 
 from imserver import models
+from imserver.db import is_sqlite
 from imserver.errors import BadFrame
 from imserver.errors import Forbidden
 from imserver.errors import GroupFull
@@ -366,7 +367,7 @@ def writer_turn(db) -> contextlib.AbstractContextManager:
     """Return the ``WriterTurn`` of an SQLite file, else a no-op context."""
     db = db.obj if isinstance(db, peewee.DatabaseProxy) else db
     path = getattr(db, "database", None)
-    if (isinstance(db, peewee.SqliteDatabase) and isinstance(path, str)
+    if (is_sqlite(db) and isinstance(path, str)
             and path and path != ":memory:" and not path.startswith("file:")):
         return WriterTurn(path)
     return contextlib.nullcontext()
@@ -378,8 +379,7 @@ def _write_lock(db) -> tuple:
     BEGIN IMMEDIATE avoids the deadlock of two processes both upgrading a
     read transaction to a write one on one SQLite file.
     """
-    if isinstance(db.obj if isinstance(db, peewee.DatabaseProxy) else db,
-                  peewee.SqliteDatabase):
+    if is_sqlite(db):
         return ("IMMEDIATE",)
     return ()
 
@@ -499,7 +499,7 @@ class Store:
         self._pending_messages: list[_Queued] = []
         self._pending_inbox: list[tuple[int, int, int]] = []
         self._written: list = []
-        self._sqlite = isinstance(db, peewee.SqliteDatabase)
+        self._sqlite = is_sqlite(db)
         committer.batch_started = self._start_batch
         committer.before_commit = self._write_pending
         committer.committed = self._build_written

@@ -56,7 +56,8 @@ def test_bad_frames_raise_their_code_with_the_cid(frame, code, cid):
 def test_entry_frame_is_the_message_with_type_and_seq():
     """encode_entry splices type and seq in front of the encoded message."""
     message = {"id": 7, "from": 1, "to": 2, "body": "é \"q\"", "ts": 5, "cid": None}
-    frame = json.loads(protocol.encode_entry(12, protocol.encode_message_body(message)))
+    frame = json.loads(protocol.encode_entry(12, protocol.encode_message(
+        7, 1, 2, None, "é \"q\"", 5, None)))
     assert frame == {"type": "message", "seq": 12, **message}
 
 
