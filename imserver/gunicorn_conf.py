@@ -28,8 +28,18 @@ Why these values:
   Our threads hold the GIL for microseconds to a few milliseconds and give
   it up on every blocking call, so the longer interval costs nothing
   measurable elsewhere.
+- Each worker gets a futex hash table of its own with ``FUTEX_HASH_SLOTS``
+  buckets (``set_futex_hash_slots``). Linux 6.16 gave every threaded
+  process a private table sized by its CPUs, not its threads: 16 buckets on
+  a 2-core machine for 10,000 threads. Every thread waiting for the GIL
+  waits on one futex (the GIL's condition variable); when the GIL's mutex
+  hashed to the same bucket, which depends on where the process was loaded
+  (1 start in 8 or so), every release of that mutex walked the whole queue
+  of waiters in the kernel, and a burst from 10,000 connections stalled for
+  15 to 30 s at 98 % kernel time (docs/performance.md, idle).
 """
 
+import ctypes
 import json
 import os
 import resource
@@ -72,12 +82,57 @@ def switch_interval() -> float:
     return float(json.loads(value)) if value else DEFAULTS["SWITCH_INTERVAL"]
 
 
+# prctl(2): a process's own futex hash table (Linux 6.16 and newer).
+PR_FUTEX_HASH = 78
+PR_FUTEX_HASH_SET_SLOTS = 1
+PR_FUTEX_HASH_GET_SLOTS = 2
+
+
+def futex_hash_slots() -> int:
+    """Return ``IMSERVER_FUTEX_HASH_SLOTS`` if set, else the default.
+
+    Raises ``ValueError`` unless it is 0 (the kernel's shared table) or a
+    power of two, as the kernel requires.
+    """
+    value = os.environ.get("IMSERVER_FUTEX_HASH_SLOTS")
+    try:
+        slots = json.loads(value) if value else DEFAULTS["FUTEX_HASH_SLOTS"]
+    except ValueError:
+        slots = None
+    if not isinstance(slots, int) or isinstance(slots, bool) or slots < 0 or (
+            slots & (slots - 1)):
+        raise ValueError(f"IMSERVER_FUTEX_HASH_SLOTS must be 0 or a power of two, not {value}")
+    return slots
+
+
+def _prctl(*args) -> int:
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.prctl(*(ctypes.c_ulong(a) for a in args))
+
+
+def set_futex_hash_slots(slots: int):
+    """Give this process a futex hash table of ``slots`` buckets.
+
+    Returns the buckets in effect (0: the kernel's shared table), or None
+    where the kernel has no such setting (before Linux 6.16, not Linux).
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        if _prctl(PR_FUTEX_HASH, PR_FUTEX_HASH_SET_SLOTS, slots, 0, 0) != 0:
+            return None
+        return _prctl(PR_FUTEX_HASH, PR_FUTEX_HASH_GET_SLOTS, 0, 0, 0)
+    except (OSError, AttributeError):  # no libc to load, or no prctl in it
+        return None
+
+
 def post_fork(server, worker):
     """Prepare a worker: more file descriptors, smaller thread stacks, the
-    GIL's switch interval."""
+    GIL's switch interval, a futex hash table sized for thousands of threads."""
     _raise_fd_limit()
     threading.stack_size(THREAD_STACK_SIZE)
     sys.setswitchinterval(switch_interval())
+    set_futex_hash_slots(futex_hash_slots())
 
 
 def child_exit(server, worker):

@@ -86,6 +86,8 @@ Usage::
     .venv/bin/python scripts/bench.py                    # every scenario, default sizes
     .venv/bin/python scripts/bench.py --scenarios pairs,fanout,offline,workers
     .venv/bin/python scripts/bench.py --scenarios idle --connections 2000 --idle-hold 20
+    .venv/bin/python scripts/bench.py --scenarios idle --servers imserver \\
+        --server-env IMSERVER_FUTEX_HASH_SLOTS=16   # a setting of imserver, compared
     .venv/bin/python scripts/bench.py --pairs 50 --window 10 --duration 10 \\
         --group-size 200 --group-messages 200 --offline-messages 10000 --out bench-out
 
@@ -224,6 +226,8 @@ class Server:
             "IMSERVER_AUTH_RATE_BURST": "1000000",
         })
         self.env.update(env or {})
+        if kind == "imserver":
+            self.env.update(args.server_env)
         self.proc = None
         self._log = None
 
@@ -1783,6 +1787,9 @@ def parse_args(argv=None):
                    help="WebSocket client of the generator (see the docstring)")
     p.add_argument("--servers", default="bare,imserver",
                    help="which servers to run each scenario against (default: both)")
+    p.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="an IMSERVER_ setting for every imserver server of the run (may be "
+                        "given several times), e.g. IMSERVER_SWITCH_INTERVAL=0.1")
     p.add_argument("--no-pin", dest="pin", action="store_false",
                    help="pin nothing (on a machine with one core, nothing is pinned)")
     args = p.parse_args(argv)
@@ -1797,6 +1804,13 @@ def parse_args(argv=None):
         args.workers_duration = args.duration
     args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    server_env = {}
+    for item in args.server_env:
+        name, sep, value = item.partition("=")
+        if not sep or not name.startswith("IMSERVER_"):
+            p.error(f"--server-env wants IMSERVER_NAME=VALUE, not {item!r}")
+        server_env[name] = value
+    args.server_env = server_env
     if not set(args.servers) <= {"bare", "imserver"}:
         p.error("--servers: bare and/or imserver")
     unknown = set(args.scenarios) - set(SCENARIOS)

@@ -18,6 +18,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 
 from conftest import T
+from imserver import gunicorn_conf
 from procs import RawWebSocket
 from procs import ServerPool
 from procs import free_port
@@ -250,6 +251,38 @@ def test_a_worker_takes_the_gils_switch_interval_from_the_settings(setting, expe
         env=env, capture_output=True, text=True, timeout=T, check=True).stdout.split()
     assert float(out[0]) == 0.005
     assert float(out[1]) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("setting,expected", [(None, 16384), ("4096", 4096), ("0", 0)])
+def test_a_worker_sizes_its_futex_hash_table_from_the_settings(setting, expected):
+    """Each gunicorn worker asks Linux for a futex hash table of
+    FUTEX_HASH_SLOTS buckets (16 by default on 2 cores since Linux 6.16,
+    where the GIL's mutex could share a bucket with every thread waiting for
+    the GIL). On a kernel without the setting, the worker goes on as before."""
+    env = {k: v for k, v in os.environ.items() if k != "IMSERVER_FUTEX_HASH_SLOTS"}
+    if setting is not None:
+        env["IMSERVER_FUTEX_HASH_SLOTS"] = setting
+    out = subprocess.run(
+        [sys.executable, "-c", "import threading; from imserver import gunicorn_conf as g;"
+         " t = threading.Thread(target=int); t.start(); t.join();"
+         " before = g._prctl(g.PR_FUTEX_HASH, g.PR_FUTEX_HASH_GET_SLOTS, 0, 0, 0);"
+         " g.post_fork(None, None);"
+         " t = threading.Thread(target=int); t.start(); t.join();"
+         " print(before, g._prctl(g.PR_FUTEX_HASH, g.PR_FUTEX_HASH_GET_SLOTS, 0, 0, 0))"],
+        env=env, capture_output=True, text=True, timeout=T, check=True).stdout.split()
+    before, after = int(out[0]), int(out[1])
+    if before == -1:
+        # No PR_FUTEX_HASH (Linux before 6.16): nothing to size, and no failure.
+        assert after == -1
+    else:
+        assert after == expected
+
+
+@pytest.mark.parametrize("setting", ["3", "-2", "\"many\"", "1.5", "lots"])
+def test_a_futex_hash_size_that_is_not_a_power_of_two_is_refused(setting, monkeypatch):
+    monkeypatch.setenv("IMSERVER_FUTEX_HASH_SLOTS", setting)
+    with pytest.raises(ValueError, match="power of two"):
+        gunicorn_conf.futex_hash_slots()
 
 
 def test_several_workers_without_redis_are_refused(tmp_path):
