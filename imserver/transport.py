@@ -89,6 +89,11 @@ class BufferedSocket:
     ``send``, ``recv``, ``close``, ``fileno``.
     """
 
+    # One per connection: slots, not a dict per instance.
+    __slots__ = ("_sock", "_flusher", "send_timeout", "max_outbuf", "_lock", "_out",
+                 "_since", "_error", "_closing", "_close_when_flushed", "_shut",
+                 "_corked", "_drained", "last_recv", "peer")
+
     def __init__(self, sock: socket.socket, flusher: "Flusher", send_timeout: float,
                  max_outbuf: int) -> None:
         self._sock = sock

@@ -281,6 +281,8 @@ class Session:
     whose state only the handler thread touches.
     """
 
+    __slots__ = ("ws", "bsock", "_frame_directly", "token")
+
     def __init__(self, ws, bsock: BufferedSocket, token: str,
                  extensions: bool = False) -> None:
         self.ws = ws
