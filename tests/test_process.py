@@ -236,19 +236,26 @@ def test_sigterm_closes_with_1001_and_keeps_what_was_acked(servers):
 # -- 4. several workers need Redis -----------------------------------------------------
 
 
+def _printed_with_setting(name: str, setting, script: str) -> list:
+    """Run ``script`` in a new Python with the setting ``name`` set to
+    ``setting`` (or unset, for the default); return what it printed, split."""
+    env = {k: v for k, v in os.environ.items() if k != name}
+    if setting is not None:
+        env[name] = setting
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=T, check=True).stdout.split()
+
+
 @pytest.mark.parametrize("setting,expected", [(None, 0.1), ("0.02", 0.02)])
 def test_a_worker_takes_the_gils_switch_interval_from_the_settings(setting, expected):
     """Each gunicorn worker waits 100 ms (or IMSERVER_SWITCH_INTERVAL) before
     forcing the GIL from its holder, not Python's 5 ms (a storm of wake-ups
     with thousands of threads waiting)."""
-    env = {k: v for k, v in os.environ.items() if k != "IMSERVER_SWITCH_INTERVAL"}
-    if setting is not None:
-        env["IMSERVER_SWITCH_INTERVAL"] = setting
-    out = subprocess.run(
-        [sys.executable, "-c", "import sys; from imserver import gunicorn_conf;"
-         " before = sys.getswitchinterval(); gunicorn_conf.post_fork(None, None);"
-         " print(before, sys.getswitchinterval())"],
-        env=env, capture_output=True, text=True, timeout=T, check=True).stdout.split()
+    out = _printed_with_setting(
+        "IMSERVER_SWITCH_INTERVAL", setting,
+        "import sys; from imserver import gunicorn_conf;"
+        " before = sys.getswitchinterval(); gunicorn_conf.post_fork(None, None);"
+        " print(before, sys.getswitchinterval())")
     assert float(out[0]) == 0.005
     assert float(out[1]) == pytest.approx(expected)
 
@@ -259,17 +266,14 @@ def test_a_worker_sizes_its_futex_hash_table_from_the_settings(setting, expected
     FUTEX_HASH_SLOTS buckets (16 by default on 2 cores since Linux 6.16,
     where the GIL's mutex could share a bucket with every thread waiting for
     the GIL). On a kernel without the setting, the worker goes on as before."""
-    env = {k: v for k, v in os.environ.items() if k != "IMSERVER_FUTEX_HASH_SLOTS"}
-    if setting is not None:
-        env["IMSERVER_FUTEX_HASH_SLOTS"] = setting
-    out = subprocess.run(
-        [sys.executable, "-c", "import threading; from imserver import gunicorn_conf as g;"
-         " t = threading.Thread(target=int); t.start(); t.join();"
-         " before = g._prctl(g.PR_FUTEX_HASH, g.PR_FUTEX_HASH_GET_SLOTS, 0, 0, 0);"
-         " g.post_fork(None, None);"
-         " t = threading.Thread(target=int); t.start(); t.join();"
-         " print(before, g._prctl(g.PR_FUTEX_HASH, g.PR_FUTEX_HASH_GET_SLOTS, 0, 0, 0))"],
-        env=env, capture_output=True, text=True, timeout=T, check=True).stdout.split()
+    out = _printed_with_setting(
+        "IMSERVER_FUTEX_HASH_SLOTS", setting,
+        "import threading; from imserver import gunicorn_conf as g;"
+        " t = threading.Thread(target=int); t.start(); t.join();"
+        " before = g._prctl(g.PR_FUTEX_HASH, g.PR_FUTEX_HASH_GET_SLOTS, 0, 0, 0);"
+        " g.post_fork(None, None);"
+        " t = threading.Thread(target=int); t.start(); t.join();"
+        " print(before, g._prctl(g.PR_FUTEX_HASH, g.PR_FUTEX_HASH_GET_SLOTS, 0, 0, 0))")
     before, after = int(out[0]), int(out[1])
     if before == -1:
         # No PR_FUTEX_HASH (Linux before 6.16): nothing to size, and no failure.
