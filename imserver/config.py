@@ -53,10 +53,10 @@ DEFAULTS = {
     # thousands of waiting threads a storm of wake-ups.
     "SWITCH_INTERVAL": 0.1,
     # Buckets of each gunicorn worker's own futex hash table (Linux 6.16 and
-    # newer; a power of two, or 0 for the kernel's shared table). The
-    # kernel's default, 16 on a 2-core machine, let the lock of the GIL share
-    # a bucket with the thousands of threads waiting for the GIL: every
-    # release of that lock then walked them all (docs/performance.md, idle).
+    # newer; a power of two, or 0 for the kernel's shared table). With the
+    # kernel's default, 16 on a 2-core machine, thousands of threads waiting
+    # for the GIL share a bucket, and bursts stalled for seconds in the
+    # kernel walking it (docs/performance.md, idle).
     "FUTEX_HASH_SLOTS": 16384,
     # Threads that run the database reads of connections and requests (see
     # imserver.store._read): they bound the reads running at once.

@@ -32,11 +32,12 @@ Why these values:
   buckets (``set_futex_hash_slots``). Linux 6.16 gave every threaded
   process a private table sized by its CPUs, not its threads: 16 buckets on
   a 2-core machine for 10,000 threads. Every thread waiting for the GIL
-  waits on one futex (the GIL's condition variable); when the GIL's mutex
-  hashed to the same bucket, which depends on where the process was loaded
-  (1 start in 8 or so), every release of that mutex walked the whole queue
-  of waiters in the kernel, and a burst from 10,000 connections stalled for
-  15 to 30 s at 98 % kernel time (docs/performance.md, idle).
+  waits on one futex (the GIL's condition variable), so thousands of
+  waiters share a bucket; in the stalls caught under perf, the release of
+  a contended mutex walked such a queue in the kernel for most of the
+  core, and a burst from 10,000 connections stalled for 15 to 30 s at 98 %
+  kernel time. With 16,384 buckets no burst stalled (docs/performance.md,
+  idle, with what is not explained yet).
 """
 
 import ctypes

@@ -158,20 +158,30 @@ class FrameSplitter:
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self._held = b""  # the start of a frame not decided yet (not given to wsproto)
+        # The start of a frame not decided yet (not given to wsproto): b"" or
+        # a bytearray.
+        self._held = b""
         self._left = 0  # bytes of the current frame still to pass to wsproto
         self._fragmented = False  # a fragmented message is open (in wsproto)
 
     def feed(self, data: bytes) -> list:
-        """Return the ``str`` and ``bytes`` segments of ``data``, in order."""
-        buf = self._held + data if self._held else data
+        """Return the ``str`` and ``bytes`` segments of ``data``, in order.
+
+        A frame that comes a few bytes at a time is appended to, never
+        copied whole again on each read (no quadratic work for a trickle).
+        """
+        if self._held:
+            self._held += data
+            buf = self._held
+        else:
+            buf = data
         out = []
         end = len(buf)
         i = 0
         while i < end:
             if self._left:
                 take = min(self._left, end - i)
-                _pass(out, buf[i:i + take])
+                _pass(out, bytes(buf[i:i + take]))
                 self._left -= take
                 i += take
                 continue
@@ -213,7 +223,10 @@ class FrameSplitter:
             elif opcode == 0x0 and b0 & 0x80:
                 self._fragmented = False
             self._left = total
-        self._held = buf[i:] if i < end else b""
+        if i == end:
+            self._held = b""
+        elif i or buf is not self._held:
+            self._held = bytearray(buf[i:])
         return out
 
 

@@ -191,3 +191,19 @@ def test_a_hostile_length_is_passed_to_wsproto_which_refuses_it():
     expected, _ = through_wsproto(header + b"x" * 100, [])
     got, decoded = through_splitter(header + b"x" * 100, [])
     assert got == expected and got[-1][0] == "close" and decoded == 0
+
+
+def test_a_frame_that_trickles_in_is_appended_to_not_copied_again_on_each_read():
+    """A client sending one byte at a time must not make each read copy the
+    whole frame so far (quadratic work for one frame)."""
+    client = pair()[0]
+    frame = client.send(TextMessage(data="z" * 900))
+    splitter = FrameSplitter(LIMIT)
+    assert splitter.feed(frame[:20]) == []
+    held = splitter._held
+    for k in range(20, len(frame) - 1):
+        assert splitter.feed(frame[k:k + 1]) == []
+        assert splitter._held is held
+    assert len(held) == len(frame) - 1
+    assert splitter.feed(frame[-1:]) == ["z" * 900]
+    assert splitter._held == b""
