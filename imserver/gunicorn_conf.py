@@ -77,10 +77,19 @@ def _raise_fd_limit() -> None:
             pass
 
 
+def _setting(name: str):
+    """Return ``IMSERVER_<name>`` as the app reads it (JSON), else the default.
+
+    The worker's settings apply before the app exists, so they are read
+    here the same way ``create_app`` reads them.
+    """
+    value = os.environ.get("IMSERVER_" + name)
+    return json.loads(value) if value else DEFAULTS[name]
+
+
 def switch_interval() -> float:
     """Return ``IMSERVER_SWITCH_INTERVAL`` if set, else the default (seconds)."""
-    value = os.environ.get("IMSERVER_SWITCH_INTERVAL")
-    return float(json.loads(value)) if value else DEFAULTS["SWITCH_INTERVAL"]
+    return float(_setting("SWITCH_INTERVAL"))
 
 
 # prctl(2): a process's own futex hash table (Linux 6.16 and newer).
@@ -95,14 +104,14 @@ def futex_hash_slots() -> int:
     Raises ``ValueError`` unless it is 0 (the kernel's shared table) or a
     power of two, as the kernel requires.
     """
-    value = os.environ.get("IMSERVER_FUTEX_HASH_SLOTS")
     try:
-        slots = json.loads(value) if value else DEFAULTS["FUTEX_HASH_SLOTS"]
+        slots = _setting("FUTEX_HASH_SLOTS")
     except ValueError:
         slots = None
     if not isinstance(slots, int) or isinstance(slots, bool) or slots < 0 or (
             slots & (slots - 1)):
-        raise ValueError(f"IMSERVER_FUTEX_HASH_SLOTS must be 0 or a power of two, not {value}")
+        raise ValueError("IMSERVER_FUTEX_HASH_SLOTS must be 0 or a power of two, not "
+                         f"{os.environ.get('IMSERVER_FUTEX_HASH_SLOTS')}")
     return slots
 
 
@@ -133,7 +142,8 @@ def post_fork(server, worker):
     _raise_fd_limit()
     threading.stack_size(THREAD_STACK_SIZE)
     sys.setswitchinterval(switch_interval())
-    set_futex_hash_slots(futex_hash_slots())
+    if set_futex_hash_slots(futex_hash_slots()) is None and server is not None:
+        server.log.info("futex hash table left to the kernel (no PR_FUTEX_HASH here)")
 
 
 def child_exit(server, worker):
