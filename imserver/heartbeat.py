@@ -42,6 +42,9 @@ class Heartbeat:
         self.tick = max(0.05, min(1.0, ping_interval / 2, idle_timeout / 4))
         # ConnWrapper -> monotonic time of its last ping; only this thread uses it.
         self._last_ping: dict = {}
+        # Its own generator for ping phases: the global one belongs to the
+        # host process (an embedding app, seeded tests), and is left alone.
+        self._random = random.Random()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="imserver-heartbeat",
                                         daemon=True)
@@ -76,7 +79,8 @@ class Heartbeat:
             # idle burst measures.)
             last = self._last_ping.get(wrapper)
             if last is None:
-                last = self._last_ping[wrapper] = now - random.uniform(0, self.ping_interval)
+                last = self._last_ping[wrapper] = now - self._random.uniform(
+                    0, self.ping_interval)
             if now - last >= self.ping_interval:
                 self._ping(wrapper)
                 self._last_ping[wrapper] = now

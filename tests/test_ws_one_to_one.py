@@ -1,6 +1,7 @@
 """One-to-one chat over /ws: real clients against a live server, every contract rule."""
 
 import json
+import random
 import sqlite3
 import threading
 
@@ -389,6 +390,26 @@ def test_silent_client_is_dropped_by_the_heartbeat(live_server):
     assert live_server.hub.conns.is_online(alive.id)
     assert drain_until_pong(live) == []
     live.close()
+
+
+@pytest.mark.parametrize("config_overrides", [{"PING_INTERVAL": 0.2, "IDLE_TIMEOUT": 30}])
+def test_heartbeat_leaves_the_global_random_alone(live_server):
+    """The heartbeat draws ping phases from its own generator, not `random`'s.
+
+    The server runs inside the host's process (tests, an embedding app): a
+    thread that moves the global generator makes the host's seeded runs
+    unrepeatable (hypothesis fails an example on it).
+    """
+    user = live_server.user()
+    state = random.getstate()
+    raw = RawClient(live_server.port, user.token)
+    opcode, payload = raw.read_frame()
+    assert opcode == 0x1 and json.loads(payload)["type"] == "ready"
+    # A ping means the heartbeat has seen the connection and chosen its phase.
+    while opcode != 0x9:
+        opcode, payload = raw.read_frame()
+    raw.close()
+    assert random.getstate() == state
 
 
 def test_client_vanishing_is_removed_from_the_conn_manager(live_server):
