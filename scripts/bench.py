@@ -1491,14 +1491,7 @@ def build_table(results: dict, args) -> list:
                      f"{_fmt(get(ba, 'sent_latency', 'p50_ms'), '.1f')}/"
                      f"{_fmt(get(ba, 'sent_latency', 'p99_ms'), '.1f')}", None, "", ""))
         _cpu_row(rows, "pairs", get(im, "cpu"), get(ba, "cpu"))
-        v, b = get(im, "cpu", "server_cpu_us_per_message"), get(ba, "cpu",
-                                                                "server_cpu_us_per_message")
-        rows.append(("pairs", "  server CPU us / context switches a message",
-                     f"{_fmt(v, '.0f')} / "
-                     f"{_fmt(get(im, 'cpu', 'server_context_switches_per_message'), '.1f')}",
-                     f"{_fmt(b, '.0f')} / "
-                     f"{_fmt(get(ba, 'cpu', 'server_context_switches_per_message'), '.1f')}",
-                     _ratio(v, b), "", ""))
+        _cost_row(rows, "pairs", "message", get(im, "cpu"), get(ba, "cpu"), ".0f", ".1f")
         si, sb = get(im, "cpu", "server_system_share"), get(ba, "cpu", "server_system_share")
         rows.append(("pairs", "  server CPU in the kernel (system calls, TCP)",
                      f"{_fmt(si and si * 100, '.0f')}%", f"{_fmt(sb and sb * 100, '.0f')}%",
@@ -1524,14 +1517,7 @@ def build_table(results: dict, args) -> list:
         rows.append(("fanout", "complete (every member has every message)",
                      str(get(im, "complete")), str(get(ba, "complete")), None, "", ""))
         _cpu_row(rows, "fanout", get(im, "cpu"), get(ba, "cpu"))
-        v, b = get(im, "cpu", "server_cpu_us_per_delivery"), get(ba, "cpu",
-                                                                 "server_cpu_us_per_delivery")
-        rows.append(("fanout", "  server CPU us / context switches a delivery",
-                     f"{_fmt(v, '.1f')} / "
-                     f"{_fmt(get(im, 'cpu', 'server_context_switches_per_delivery'), '.2f')}",
-                     f"{_fmt(b, '.1f')} / "
-                     f"{_fmt(get(ba, 'cpu', 'server_context_switches_per_delivery'), '.2f')}",
-                     _ratio(v, b), "", ""))
+        _cost_row(rows, "fanout", "delivery", get(im, "cpu"), get(ba, "cpu"), ".1f", ".2f")
         _integrity_row(rows, "fanout", im, ba)
 
     idl = results.get("idle", {})
@@ -1636,6 +1622,18 @@ def _cpu_row(rows, scenario, im, ba):
     rows.append((scenario, "  cores busy, every process (0/1)",
                  _cores(im).split()[-1] if im else "-", _cores(ba).split()[-1] if ba else "-",
                  None, "", ""))
+
+
+def _cost_row(rows, scenario, unit, im, ba, us_spec, switches_spec):
+    """The server's CPU time and context switches per `unit` (message, delivery)."""
+    def fmt(cpu):
+        cpu = cpu or {}
+        return (f"{_fmt(cpu.get(f'server_cpu_us_per_{unit}'), us_spec)} / "
+                f"{_fmt(cpu.get(f'server_context_switches_per_{unit}'), switches_spec)}")
+
+    rows.append((scenario, f"  server CPU us / context switches a {unit}", fmt(im), fmt(ba),
+                 _ratio((im or {}).get(f"server_cpu_us_per_{unit}"),
+                        (ba or {}).get(f"server_cpu_us_per_{unit}")), "", ""))
 
 
 def _integrity_row(rows, scenario, im, ba):
