@@ -221,6 +221,7 @@ class RawClient:
                 break
             self.buf += chunk
         head, _, self.buf = self.buf.partition(b"\r\n\r\n")
+        self.status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
         self.status = int(head.split()[1]) if head else 0
 
     def _need(self, n):
@@ -233,6 +234,7 @@ class RawClient:
     def read_frame(self):
         """Return ``(opcode, payload)`` of the next frame."""
         self._need(2)
+        assert not self.buf[1] & 0x80, "a server frame must not be masked"
         opcode, length = self.buf[0] & 0x0F, self.buf[1] & 0x7F
         offset = 2
         if length == 126:

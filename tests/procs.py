@@ -13,21 +13,14 @@ group holds gunicorn's arbiter and workers and nothing else: ``kill9`` and
 the last-resort cleanup signal that group, by the id of the process this
 module started, never anything found by name.
 
-``RawWebSocket`` is a hand-made client on a bare TCP socket (handshake and
-frames by hand) for what a library client does not let a test do, such as
-never answering pings.
-
 Not a test module: tests import it as ``procs`` (pytest puts ``tests/`` on
 ``sys.path``, as for ``conftest``).
 """
 
-import base64
 import itertools
-import json
 import os
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -277,84 +270,6 @@ class ServerPool:
             if print_logs:
                 print(f"---- server log {server.log_path} ----\n{server.log()}")
             server.cleanup()
-
-
-class RawWebSocket:
-    """A WebSocket client on a bare socket that does only what the test says.
-
-    It never answers pings, never sends a close frame on its own.
-    """
-
-    OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x1, 0x2, 0x8, 0x9, 0xA
-
-    def __init__(self, port: int, token: str, timeout: float = T):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        key = base64.b64encode(os.urandom(16)).decode()
-        request = (f"GET /ws?token={token} HTTP/1.1\r\n"
-                   f"Host: 127.0.0.1:{port}\r\n"
-                   "Upgrade: websocket\r\n"
-                   "Connection: Upgrade\r\n"
-                   f"Sec-WebSocket-Key: {key}\r\n"
-                   "Sec-WebSocket-Version: 13\r\n\r\n")
-        self.sock.sendall(request.encode())
-        self.buf = b""
-        while b"\r\n\r\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError(f"closed during the handshake: {self.buf!r}")
-            self.buf += chunk
-        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
-        self.status_line = head.split(b"\r\n", 1)[0].decode()
-        self.status = int(self.status_line.split()[1])
-
-    def _fill(self, n: int) -> bool:
-        """Read until ``n`` bytes are buffered; False on EOF."""
-        while len(self.buf) < n:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                return False
-            self.buf += chunk
-        return True
-
-    def recv_frame(self):
-        """Return ``(opcode, payload)`` of the next frame, or None on EOF.
-
-        Raises ``socket.timeout`` (``TimeoutError``) past the socket timeout.
-        """
-        if not self._fill(2):
-            return None
-        b0, b1 = self.buf[0], self.buf[1]
-        assert not b1 & 0x80, "a server frame must not be masked"
-        length, offset = b1 & 0x7F, 2
-        if length == 126:
-            if not self._fill(4):
-                return None
-            length, offset = struct.unpack("!H", self.buf[2:4])[0], 4
-        elif length == 127:
-            if not self._fill(10):
-                return None
-            length, offset = struct.unpack("!Q", self.buf[2:10])[0], 10
-        if not self._fill(offset + length):
-            return None
-        payload = self.buf[offset:offset + length]
-        self.buf = self.buf[offset + length:]
-        return b0 & 0x0F, payload
-
-    def recv_json(self):
-        """Return the next text frame as JSON (fails on anything else)."""
-        frame = self.recv_frame()
-        assert frame is not None and frame[0] == self.OP_TEXT, frame
-        return json.loads(frame[1])
-
-    def send_frame(self, opcode: int, payload: bytes) -> None:
-        """Send one masked frame (payloads under 126 bytes)."""
-        assert len(payload) < 126
-        mask = os.urandom(4)
-        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        self.sock.sendall(bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + masked)
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def worker_of(server: "ServerProcess", client) -> int:

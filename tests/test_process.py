@@ -18,8 +18,8 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 
 from conftest import T
+from conftest import RawClient
 from imserver import gunicorn_conf
-from procs import RawWebSocket
 from procs import ServerPool
 from procs import free_port
 from procs import serve_argv
@@ -309,22 +309,22 @@ def test_heartbeat_drops_a_silent_client_and_keeps_a_live_one(servers):
     live_since = time.monotonic()
 
     opened = time.monotonic()
-    raw = RawWebSocket(server.port, quiet.token)
+    raw = RawClient(server.port, quiet.token, timeout=4 * T)
     assert raw.status == 101, raw.status_line
-    assert raw.recv_json() == {"type": "ready", "user_id": quiet.id}
+    opcode, payload = raw.read_frame()
+    assert (opcode, json.loads(payload)) == (0x1, {"type": "ready", "user_id": quiet.id})
     pings, close_code = 0, None
-    raw.sock.settimeout(4 * T)
     while True:
-        frame = raw.recv_frame()
-        if frame is None:
-            break  # EOF: the server closed the connection
-        opcode, payload = frame
-        if opcode == RawWebSocket.OP_PING:
+        try:
+            opcode, payload = raw.read_frame()
+        except (EOFError, ConnectionResetError):
+            break  # the server closed the connection
+        if opcode == 0x9:
             pings += 1  # never answered
-        elif opcode == RawWebSocket.OP_CLOSE:
+        elif opcode == 0x8:
             close_code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else None
         else:
-            raise AssertionError(f"unexpected frame {frame}")
+            raise AssertionError(f"unexpected frame {(opcode, payload)}")
     dropped_after = time.monotonic() - opened
     raw.close()
     assert pings >= 1, "the server never pinged"
