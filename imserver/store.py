@@ -12,7 +12,7 @@ makes deliverable (inbox entries) is handed, in commit order, to the
 
 Reads run in the caller's thread on its own connection.
 
-Imports: peewee, stdlib, ``imserver.models``, ``imserver.db`` (``is_sqlite``),
+Imports: peewee, stdlib, ``imserver.db`` (``is_sqlite``),
 ``imserver.errors``, ``imserver.protocol`` (frame encoding). Never Flask.
 """
 
@@ -32,7 +32,6 @@ from dataclasses import field
 
 import peewee
 
-from imserver import models
 from imserver.db import is_sqlite
 from imserver.errors import BadFrame
 from imserver.errors import Forbidden
@@ -655,8 +654,8 @@ class Store:
 
         One ``INSERT`` of every message (a cid seen before inserts nothing
         and answers the message stored the first time), one ``UPDATE`` of
-        the recipients' ``last_seq`` per distinct number of entries they
-        get, then each recipient's seqs are given out in queue order, so
+        the recipients' ``last_seq`` (``_take_seqs``), then each
+        recipient's seqs are given out in queue order, so
         that one sender's messages keep their order in every inbox. The
         inbox rows are inserted with the batch's others before the commit;
         the frames are built after it (``_build_written``), so that the
@@ -719,15 +718,16 @@ class Store:
         None where ``(sender, cid)`` was already stored. The new rows are
         matched to the queue by ``(sender, cid)``; messages without a cid
         never conflict and get their sender's ids in ascending order, the
-        order of the rows. On SQLite the new rows are read back as one JSON
-        value rather than by ``RETURNING``, whose every row costs the writer
-        a hand-off of the GIL while it holds the write lock; the write lock
-        also means that every id above the highest one before the insert is
-        this batch's.
+        order of the rows. On SQLite nothing is read back when every row of
+        an ``INSERT`` is new: each new row takes the largest rowid so far
+        plus one, so under the write lock the statement's rows have the ids
+        up to ``lastrowid``, consecutive and in the order of the rows. When
+        a cid repeats, the rows that were inserted (still consecutive) are
+        read back as one JSON value rather than by ``RETURNING``, whose
+        every row costs the writer a hand-off of the GIL while it holds the
+        write lock.
         """
         rows: list = []
-        if self._sqlite:
-            highest = self._execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()[0]
         for start in range(0, len(queued), _INSERT_ROWS):
             chunk = queued[start:start + _INSERT_ROWS]
             params = []
@@ -736,15 +736,19 @@ class Store:
             query = ("INSERT INTO messages (sender_id, recipient_id, group_id, body, ts, cid)"
                      " VALUES " + ", ".join(["(?, ?, ?, ?, ?, ?)"] * len(chunk))
                      + " ON CONFLICT (sender_id, cid) DO NOTHING")
-            if self._sqlite:
-                self._execute(query, params)
-            else:
+            if not self._sqlite:
                 rows += self._execute(query + " RETURNING id, sender_id, cid",
                                       params).fetchall()
-        if self._sqlite:
-            rows = json.loads(self._execute(
-                "SELECT json_group_array(json_array(id, sender_id, cid)) FROM messages"
-                " WHERE id > ?", (highest,)).fetchone()[0])
+                continue
+            cursor = self._execute(query, params)
+            inserted, last = cursor.rowcount, cursor.lastrowid
+            if inserted == len(chunk):
+                first = last - inserted + 1
+                rows += [(first + i, item.sender, item.cid) for i, item in enumerate(chunk)]
+            elif inserted > 0:
+                rows += map(tuple, json.loads(self._execute(
+                    "SELECT json_group_array(json_array(id, sender_id, cid)) FROM messages"
+                    " WHERE id BETWEEN ? AND ?", (last - inserted + 1, last)).fetchone()[0]))
         rows.sort()
         by_cid = {}
         without_cid = collections.defaultdict(collections.deque)
@@ -766,30 +770,41 @@ class Store:
     def _take_seqs(self, counts: dict[int, int]) -> dict[int, int]:
         """Reserve ``counts[user]`` seqs per user; return each one's first.
 
-        One ``UPDATE`` per distinct count, under the row lock (PostgreSQL)
-        or the write lock (SQLite): the seqs stay dense and unique across
-        processes. The new values come back by ``RETURNING`` on PostgreSQL,
-        as one JSON value on SQLite (see ``_insert_messages``).
+        One ``UPDATE`` for every user of the batch (per 500 users), under
+        the row lock (PostgreSQL) or the write lock (SQLite): the seqs stay
+        dense and unique across processes. When every user gets as many
+        entries (a group message, a batch of one message each) it adds one
+        number to the rows ``IN`` a list; otherwise it joins a ``VALUES``
+        list of ``(id, count)``, which costs SQLite more a row but saves a
+        statement per distinct count. The new values come back by
+        ``RETURNING`` on PostgreSQL, as one JSON value on SQLite (see
+        ``_insert_messages``).
         """
-        by_count = collections.defaultdict(list)
-        for user_id, count in counts.items():
-            by_count[count].append(user_id)
         first = {}
-        for count, user_ids in by_count.items():
-            for start in range(0, len(user_ids), _UPDATE_IDS):
-                chunk = user_ids[start:start + _UPDATE_IDS]
-                where = " WHERE id IN (" + ", ".join("?" * len(chunk)) + ")"
-                update = "UPDATE users SET last_seq = last_seq + ?" + where
-                if self._sqlite:
-                    self._execute(update, [count, *chunk])
-                    rows = json.loads(self._execute(
-                        "SELECT json_group_array(json_array(id, last_seq)) FROM users"
-                        + where, chunk).fetchone()[0])
-                else:
-                    rows = self._execute(update + " RETURNING id, last_seq",
-                                         [count, *chunk]).fetchall()
-                for user_id, last_seq in rows:
-                    first[user_id] = last_seq - count + 1
+        items = list(counts.items())
+        same = len(set(counts.values())) == 1
+        for start in range(0, len(items), _UPDATE_IDS):
+            chunk = items[start:start + _UPDATE_IDS]
+            ids = [user_id for user_id, _ in chunk]
+            in_ids = " WHERE id IN (" + ", ".join("?" * len(chunk)) + ")"
+            if same:
+                update = "UPDATE users SET last_seq = last_seq + ?" + in_ids
+                params = [chunk[0][1], *ids]
+            else:
+                update = ("WITH c (id, n) AS (VALUES " + ", ".join(["(?, ?)"] * len(chunk))
+                          + ") UPDATE users SET last_seq = users.last_seq + c.n FROM c"
+                          " WHERE users.id = c.id")
+                params = [value for item in chunk for value in item]
+            if self._sqlite:
+                self._execute(update, params)
+                rows = json.loads(self._execute(
+                    "SELECT json_group_array(json_array(id, last_seq)) FROM users" + in_ids,
+                    ids).fetchone()[0])
+            else:
+                rows = self._execute(update + " RETURNING users.id, users.last_seq",
+                                     params).fetchall()
+            for user_id, last_seq in rows:
+                first[user_id] = last_seq - counts[user_id] + 1
         return first
 
     def ack(self, user_id: int, seq: int) -> None:

@@ -3,6 +3,7 @@
 import contextlib
 import logging
 import sqlite3
+import threading
 
 import peewee
 from playhouse import migrate
@@ -186,6 +187,14 @@ def test_every_query_of_the_message_path_reads_through_an_index(app):
         store.send(alice, "hi", "1", to=bob).result(T)
         store.send(alice, "hi", "1", to=bob).result(T)  # a repeated cid
         store.send(alice, "all", "2", group=group).result(T)
+        # One batch in which bob gets two entries and carol one (the writer
+        # is held while they are queued): seqs by a join, not by one count.
+        held, release = threading.Event(), threading.Event()
+        store.committer.submit(lambda conn: (held.set(), release.wait(T), (None, None))[-1])
+        assert held.wait(T)
+        batch = [store.send(alice, "x", f"x{i}", to=to) for i, to in enumerate((bob, bob, carol))]
+        release.set()
+        assert [p.result(T).entries for p in batch] == [[(bob, 3)], [(bob, 4)], [(carol, 1)]]
         store.ack(bob, 2)
         store.add_member(group, alice, carol, 500)
         store.remove_member(group, alice, carol)
@@ -201,7 +210,8 @@ def test_every_query_of_the_message_path_reads_through_an_index(app):
                if sql.split(None, 1)[0].upper() in ("SELECT", "UPDATE", "DELETE", "WITH")]
     queried = " ".join(sql for sql, _ in reading)
     for needed in ("FROM inbox i", "m.recipient_id = ?", "m.group_id = ?",
-                   "FROM group_members WHERE user_id", "acked_seq = a.seq"):
+                   "FROM group_members WHERE user_id", "acked_seq = a.seq",
+                   "last_seq = last_seq + ?", "last_seq = users.last_seq + c.n"):
         assert needed in queried, f"no query with {needed!r} was traced"
     with store.db.connection_context():
         for sql, params in reading:

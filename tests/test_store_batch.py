@@ -7,6 +7,7 @@ stored once, membership changes between messages taking effect where they
 were queued. Each runs on a real SQLite file and on the machine's PostgreSQL.
 """
 
+import json
 import threading
 
 import pytest
@@ -103,6 +104,49 @@ def test_a_cid_repeated_in_one_batch_is_stored_once(store):
     later = st.send(alice, "hello (later)", "same", to=bob).result(T)
     assert not later.new and later.message == a.message
     assert st.cursor(bob) == (0, 2)
+
+
+def test_a_batch_past_one_insert_with_repeats_inside_gets_every_id_right(store, caplog):
+    """1,200 messages (three INSERTs of 500 rows at most), some repeating a cid.
+
+    The repeats: of a message stored before the batch (3 and 700), of one
+    earlier in the same INSERT (651), of one in an earlier INSERT of the
+    batch (1101). Each new message gets its own id, ascending in the order
+    sent, and each recipient its seqs in that order; each repeat answers
+    the message first stored under its cid.
+    """
+    st, delivered = store
+    alice, bob, carol = users(st, 3)
+    earlier = {cid: st.send(alice, "early", cid, to=bob).result(T) for cid in ("c7", "c700")}
+    gate = Gate(st)
+    repeat_of = {3: "c7", 651: "c650", 1101: "c600"}
+    pending = []
+    for i in range(1200):
+        # Even messages have their own cid, odd ones none (never a conflict).
+        cid = repeat_of.get(i, f"c{i}" if i % 2 == 0 else None)
+        to = bob if i % 3 else carol
+        pending.append((to, st.send(alice, f"m{i}", cid, to=to)))
+    gate.open()
+    stored = [(to, p.result(T)) for to, p in pending]
+    # Written as batches, not one by one after a failed batch.
+    assert "committing one by one" not in caplog.text
+    assert [i for i, (_, s) in enumerate(stored) if not s.new] == [3, 651, 700, 1101]
+    assert stored[3][1].message == earlier["c7"].message
+    assert stored[700][1].message == earlier["c700"].message
+    assert stored[651][1].message == stored[650][1].message
+    assert stored[1101][1].message == stored[600][1].message
+    new = [(i, to, s) for i, (to, s) in enumerate(stored) if s.new]
+    ids = [s.message["id"] for _, _, s in new]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids) == 1196
+    assert all(s.message["body"] == f"m{i}" for i, _, s in new)
+    # bob had seqs 1 and 2 before the batch; carol had none.
+    for user, start in ((bob, 3), (carol, 1)):
+        mine = [s for _, to, s in new if to == user]
+        assert [s.entries for s in mine] == [[(user, start + k)] for k in range(len(mine))]
+        entries = st.entries_after(user, start - 1, 2000)
+        assert [seq for seq, _ in entries] == list(range(start, start + len(mine)))
+        assert [json.loads(frame)["id"] for _, frame in entries] == [
+            s.message["id"] for s in mine]
 
 
 def test_messages_without_a_cid_keep_their_order_in_a_batch(store):
