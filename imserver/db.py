@@ -72,6 +72,11 @@ SQLITE_PRAGMAS = {
 # Seconds between checkpoints while commits keep coming.
 CHECKPOINT_GAP = 0.25
 
+# PostgreSQL advisory lock keys (transaction-scoped): the schema's creation
+# by the first worker to start, and the writers' turn (``store.Committer``).
+SCHEMA_LOCK = 4242001
+WRITER_LOCK = 4242002
+
 
 def default_url(instance_path: str) -> str:
     """Return the URL of the default SQLite file in the instance folder."""
@@ -218,7 +223,7 @@ def init_schema(database: peewee.Database, attempts: int = 5) -> None:
                 with database.atomic():
                     if isinstance(database, peewee.PostgresqlDatabase):
                         # Several workers may start at once: one creates.
-                        database.execute_sql("SELECT pg_advisory_xact_lock(4242001)")
+                        database.execute_sql(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK})")
                     _create_or_migrate(database)
             return
         except peewee.OperationalError as exc:

@@ -205,6 +205,60 @@ def test_concurrent_writers_on_both_workers_keep_seq_dense(cluster):
     close_all(by_worker)
 
 
+def test_crossing_traffic_between_workers_never_deadlocks_the_writers(cluster):
+    """Users on both workers send to each other and ack at once: every message
+    arrives in seq order, and no writer's commit fails on a deadlock.
+
+    A batch locks the ``users`` rows of its acks and of its recipients' seqs;
+    two workers' batches took them in opposite orders, and PostgreSQL broke
+    a deadlock about once a second (a second's wait each time, logged as a
+    failed commit attempt) until the writers took a turn first.
+    """
+    by_worker = spread(cluster, 3)
+    left, right = by_worker.values()
+    rounds = 40
+    failures = []
+
+    def talk(client, peers):
+        try:
+            expected = rounds * len(peers)
+            sent = seqs = 0
+            for i in range(rounds):
+                for peer in peers:
+                    client.send_to(peer.id, f"r{i}")
+                want_sent = (i + 1) * len(peers)
+                # Ack what comes as it comes, while the round's sends commit.
+                while sent < want_sent:
+                    frame = client.recv(T * 4)
+                    if frame["type"] == "sent":
+                        sent += 1
+                    else:
+                        assert frame["type"] == "message", frame
+                        seqs += 1
+                        assert frame["seq"] == seqs, frame
+                        client.send({"type": "ack", "seq": frame["seq"]})
+            while seqs < expected:
+                frame = client.recv_type("message", T * 4)
+                seqs += 1
+                assert frame["seq"] == seqs, frame
+                client.send({"type": "ack", "seq": frame["seq"]})
+        except BaseException as exc:  # reported by the main thread
+            failures.append(exc)
+
+    threads = [threading.Thread(target=talk, args=(client, [u for u, _ in other]))
+               for side, other in ((left, right), (right, left))
+               for _, client in side]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(T * 20)
+    assert not any(t.is_alive() for t in threads), "a client is still talking"
+    assert not failures, failures
+    assert "deadlock detected" not in cluster.log()
+    assert "commit attempt" not in cluster.log()
+    close_all(by_worker)
+
+
 def test_sqlite_with_two_workers_on_one_host(tmp_path, redis_url):
     """Two workers share one SQLite file (WAL, busy timeout) and keep the contract."""
     url, prefix = redis_url
