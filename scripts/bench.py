@@ -60,11 +60,17 @@ registering and logging in costs two scrypt hashes (0.2 to 0.6 s of the
 pinned server's core per user), so by default (``--register auto``) the
 first ``--http-users`` users (4) of each scenario are registered over HTTP
 (``POST /api/users`` then ``POST /api/tokens``) and the others are inserted
-into the bench's own SQLite file with the first user's password hash, their
+into the server's database with the first user's password hash, their
 tokens signed with the ``IMSERVER_SECRET_KEY`` the bench gave the server
 (checked with ``GET /api/me``). ``--register http`` registers every user
 over HTTP, ``--register direct`` all but one directly. Registration is
 setup, never measured.
+
+Database: each imserver server gets a fresh SQLite file in a temporary
+folder; with ``--postgres URL`` (a database on a PostgreSQL server where the
+bench may create databases) it gets a database of its own there instead,
+``imbench_<pid>_<port>``, dropped when the server stops. The bare relay has
+no database.
 
 Output: a table on stdout (each figure, the bare relay's, the ratio, the
 target and met/missed), ``<out>/results.json`` (every figure, the table, the
@@ -88,6 +94,8 @@ Usage::
     .venv/bin/python scripts/bench.py --scenarios idle --connections 2000 --idle-hold 20
     .venv/bin/python scripts/bench.py --scenarios idle --servers imserver \\
         --server-env IMSERVER_FUTEX_HASH_SLOTS=16   # a setting of imserver, compared
+    .venv/bin/python scripts/bench.py --scenarios workers --servers imserver \\
+        --postgres postgresql://postgres@127.0.0.1:5432/test   # imserver on PostgreSQL
     .venv/bin/python scripts/bench.py --pairs 50 --window 10 --duration 10 \\
         --group-size 200 --group-messages 200 --offline-messages 10000 --out bench-out
 
@@ -214,10 +222,17 @@ class Server:
         self.log_path = os.path.join(logdir, f"{name}-{self.port}.log")
         self.secret = secrets.token_urlsafe(24)
         self.db_path = os.path.join(workdir, f"{name}-{self.port}.sqlite3")
+        # --postgres: a database of this server's own on that PostgreSQL,
+        # created at start and dropped at stop.
+        self.pg_admin = getattr(args, "postgres", None) if kind == "imserver" else None
+        self.pg_url = None
+        if self.pg_admin:
+            self.pg_name = f"imbench_{os.getpid()}_{self.port}"
+            self.pg_url = self.pg_admin.rpartition("/")[0] + "/" + self.pg_name
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("IMSERVER_")}
         self.env.update({
             "PYTHONUNBUFFERED": "1",
-            "IMSERVER_DATABASE_URL": "sqlite:///" + self.db_path,
+            "IMSERVER_DATABASE_URL": self.pg_url or "sqlite:///" + self.db_path,
             "IMSERVER_SECRET_KEY": self.secret,
             "IMSERVER_RATE_LIMIT": "1000000",
             "IMSERVER_RATE_BURST": "1000000",
@@ -252,6 +267,8 @@ class Server:
 
     def start(self, timeout: float = 60.0) -> None:
         """Start; return once /healthz answers 200."""
+        if self.pg_url:
+            self._postgres(f'CREATE DATABASE "{self.pg_name}"')
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(self.argv(), env=self.env, cwd=self.workdir,
                                      stdin=subprocess.DEVNULL, stdout=self._log,
@@ -351,6 +368,24 @@ class Server:
         if self._log is not None:
             self._log.close()
             self._log = None
+        if self.pg_url:
+            self._postgres(f'DROP DATABASE IF EXISTS "{self.pg_name}" WITH (FORCE)')
+
+    def _postgres(self, statement: str) -> None:
+        import psycopg
+
+        with psycopg.connect(self.pg_admin, autocommit=True, connect_timeout=10) as admin:
+            admin.execute(statement)
+
+    def connect_db(self):
+        """A DB-API connection to the server's database, and its placeholder."""
+        if self.pg_url:
+            import psycopg
+
+            return psycopg.connect(self.pg_url, connect_timeout=10), "%s"
+        db = sqlite3.connect(self.db_path, timeout=30)
+        db.execute("PRAGMA busy_timeout = 30000")
+        return db, "?"
 
     def log_issues(self) -> dict:
         """Count worrying lines in the server's log."""
@@ -363,6 +398,7 @@ class Server:
             "slow_receiver": "slow receiver",
             "idle_closed": "closing idle connection",
             "commit_failed": "commit failed",
+            "commit_retried": "commit attempt",
             "worker_boots": "Booting worker",
         }
         counts = dict.fromkeys(patterns, 0)
@@ -503,26 +539,26 @@ def register_users(server: Server, n: int, prefix: str, mode: str, http_users: i
 
 
 def _insert_users(server: Server, names: list, template: User) -> list:
-    """Insert users straight into the bench's SQLite file; sign their tokens."""
+    """Insert users straight into the server's database; sign their tokens."""
     from itsdangerous import URLSafeSerializer
 
-    db = sqlite3.connect(server.db_path, timeout=30)
+    db, mark = server.connect_db()
     try:
-        db.execute("PRAGMA busy_timeout = 30000")
-        (password_hash,) = db.execute("SELECT password_hash FROM users WHERE id = ?",
-                                      (template.id,)).fetchone()
+        cur = db.cursor()
+        cur.execute(f"SELECT password_hash FROM users WHERE id = {mark}", (template.id,))
+        (password_hash,) = cur.fetchone()
         now = int(time.time() * 1000)
-        with db:
-            db.executemany(
-                "INSERT INTO users (username, password_hash, is_admin, created_at,"
-                " last_seq, acked_seq) VALUES (?, ?, 0, ?, 0, 0)",
-                [(name, password_hash, now) for name in names])
+        cur.executemany(
+            "INSERT INTO users (username, password_hash, is_admin, created_at,"
+            f" last_seq, acked_seq) VALUES ({mark}, {mark}, false, {mark}, 0, 0)",
+            [(name, password_hash, now) for name in names])
+        db.commit()
         ids = {}
         for start in range(0, len(names), 500):
             chunk = names[start:start + 500]
-            marks = ",".join("?" * len(chunk))
-            ids.update(db.execute(f"SELECT username, id FROM users WHERE username IN ({marks})",
-                                  chunk).fetchall())
+            marks = ",".join([mark] * len(chunk))
+            cur.execute(f"SELECT username, id FROM users WHERE username IN ({marks})", chunk)
+            ids.update(cur.fetchall())
     finally:
         db.close()
     signer = URLSafeSerializer(server.secret, salt="imserver-token")
@@ -1788,6 +1824,11 @@ def parse_args(argv=None):
     p.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
                    help="an IMSERVER_ setting for every imserver server of the run (may be "
                         "given several times), e.g. IMSERVER_SWITCH_INTERVAL=0.1")
+    p.add_argument("--postgres", metavar="URL", default=None,
+                   help="run imserver on PostgreSQL: URL of an existing database of a "
+                        "server where the bench may create and drop databases of its own "
+                        "(imbench_<pid>_<port>), e.g. postgresql://postgres@127.0.0.1:5432/"
+                        "test; default: a fresh SQLite file per server")
     p.add_argument("--no-pin", dest="pin", action="store_false",
                    help="pin nothing (on a machine with one core, nothing is pinned)")
     args = p.parse_args(argv)
@@ -1867,6 +1908,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     CLIENT = args.client
     notes = setup_process(args)
+    if args.postgres:
+        notes.append("imserver on PostgreSQL (--postgres): a database of its own per server")
     os.makedirs(args.out, exist_ok=True)
     args.logdir = os.path.join(args.out, "logs")
     os.makedirs(args.logdir, exist_ok=True)

@@ -18,16 +18,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(REPO, "scripts", "bench.py")
 
 
-@pytest.mark.timeout(400)
-def test_quick_bench_runs_every_scenario_against_both_servers(tmp_path, redis_url):
-    url, _prefix = redis_url
-    out = tmp_path / "bench-out"
-    proc = subprocess.Popen(
-        [sys.executable, BENCH, "--quick", "--out", str(out), "--redis-url", url,
-         "--scenarios", "pairs,fanout,idle,offline,workers"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+def run_bench(out, *args, timeout=360):
+    """Run scripts/bench.py to the end; return (process, stdout, report)."""
+    proc = subprocess.Popen([sys.executable, BENCH, "--quick", "--out", str(out), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=REPO)
     try:
-        stdout, stderr = proc.communicate(timeout=360)
+        stdout, stderr = proc.communicate(timeout=timeout)
     finally:
         if proc.poll() is None:
             # Ctrl-C: the bench stops the servers it started, then exits.
@@ -38,19 +35,29 @@ def test_quick_bench_runs_every_scenario_against_both_servers(tmp_path, redis_ur
                 proc.kill()
                 proc.communicate()
     assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
-
     with open(out / "results.json") as f:
-        report = json.load(f)
+        return proc, stdout, json.load(f)
+
+
+def assert_pairs_kept_the_contract(run):
+    assert run["rate"] > 0 and run["received_total"] == run["sent_total"] > 0
+    for key in ("lost", "gaps", "dups", "error_frames", "dropped_connections"):
+        assert run[key] == 0, (key, run)
+
+
+@pytest.mark.timeout(400)
+def test_quick_bench_runs_every_scenario_against_both_servers(tmp_path, redis_url):
+    url, _prefix = redis_url
+    out = tmp_path / "bench-out"
+    proc, stdout, report = run_bench(out, "--redis-url", url,
+                                     "--scenarios", "pairs,fanout,idle,offline,workers")
     results = report["results"]
     assert set(results) == {"pairs", "fanout", "idle", "offline", "workers"}
 
     # Both servers ran each scenario, and imserver kept the contract.
     for name in ("pairs", "fanout", "idle", "offline"):
         assert set(results[name]) >= {"imserver", "bare"}, name
-    pairs = results["pairs"]["imserver"]
-    assert pairs["rate"] > 0 and pairs["received_total"] == pairs["sent_total"] > 0
-    for key in ("lost", "gaps", "dups", "error_frames", "dropped_connections"):
-        assert pairs[key] == 0, (key, pairs)
+    assert_pairs_kept_the_contract(results["pairs"]["imserver"])
     fanout = results["fanout"]["imserver"]
     assert fanout["complete"] and fanout["deliveries"] == fanout["expected_deliveries"] > 0
     idle = results["idle"]["imserver"]
@@ -77,3 +84,29 @@ def test_quick_bench_runs_every_scenario_against_both_servers(tmp_path, redis_ur
         assert list(client.scan_iter(match=f"imbench:{proc.pid}:*", count=1000)) == []
     finally:
         client.close()
+
+
+@pytest.mark.timeout(300)
+def test_bench_runs_imserver_on_postgres_and_drops_its_databases(tmp_path, pg_url,
+                                                                 redis_url):
+    """--postgres: each imserver gets a database of its own there, dropped after."""
+    import psycopg
+
+    url, _prefix = redis_url
+    out = tmp_path / "bench-out"
+    proc, stdout, report = run_bench(out, "--redis-url", url, "--servers", "imserver",
+                                     "--scenarios", "pairs,workers", "--postgres", pg_url,
+                                     timeout=240)
+    results = report["results"]
+    for run in (results["pairs"]["imserver"], results["workers"]["imserver_1"],
+                results["workers"]["imserver_2"]):
+        assert_pairs_kept_the_contract(run)
+        # No commit failed or was retried (a deadlock between the workers).
+        assert run["log_issues"] == {}, run
+    assert "imserver on PostgreSQL" in stdout
+    # The bench inserted most users straight into each server's database and
+    # they chatted: the servers ran on those PostgreSQL databases, now gone.
+    with psycopg.connect(pg_url, autocommit=True, connect_timeout=5) as conn:
+        left = conn.execute("SELECT datname FROM pg_database WHERE datname LIKE %s",
+                            (f"imbench_{proc.pid}_%",)).fetchall()
+    assert left == []
