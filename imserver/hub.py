@@ -31,6 +31,7 @@ from imserver.metrics import Metrics
 from imserver.ratelimit import RateLimiter
 from imserver.store import Committer
 from imserver.store import Store
+from imserver.transport import CLOSE_WAIT
 from imserver.transport import Flusher
 
 logger = logging.getLogger(__name__)
@@ -102,6 +103,8 @@ class Hub:
         # WebSocket handlers running, including those still replaying.
         self.open_connections = 0
         self._open_lock = threading.Lock()
+        # Notified when the last handler ends (shutdown waits for it).
+        self._all_closed = threading.Condition(self._open_lock)
 
     def connection_opened(self) -> None:
         with self._open_lock:
@@ -111,6 +114,8 @@ class Hub:
     def connection_closed(self) -> None:
         with self._open_lock:
             self.open_connections -= 1
+            if self.open_connections == 0:
+                self._all_closed.notify_all()
         self.metrics.connections.dec()
 
     def new_token(self) -> str:
@@ -240,6 +245,11 @@ class Hub:
         if self.checkpointer is not None:
             self.checkpointer.stop()
         self.broker.close()
+        # The clients answer the close frames meanwhile; the handlers end
+        # at their reply, or when the flusher stops reading (CLOSE_WAIT).
+        with self._all_closed:
+            self._all_closed.wait_for(lambda: self.open_connections <= 0,
+                                      timeout=CLOSE_WAIT + 1)
         self.flusher.stop()
 
 

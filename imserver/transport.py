@@ -29,6 +29,7 @@ included, for the heartbeat.
 Imports: stdlib only.
 """
 
+import collections
 import contextlib
 import errno
 import logging
@@ -77,6 +78,10 @@ FIRST_READ = 1024
 # frames keep flowing while a big batch is delivered.
 CORK_BYTES = 64 * 1024
 
+# Seconds the server waits for the client's close reply after its own close
+# frame, reading meanwhile, before it stops reading (``shutdown_after_flush``).
+CLOSE_WAIT = 2.0
+
 
 class SlowReceiver(ConnectionError):
     """The client did not read its frames in time; the connection is aborted."""
@@ -92,7 +97,7 @@ class BufferedSocket:
     # One per connection: slots, not a dict per instance.
     __slots__ = ("_sock", "_flusher", "send_timeout", "max_outbuf", "_lock", "_out",
                  "_since", "_error", "_closing", "_close_when_flushed", "_shut",
-                 "_corked", "_drained", "last_recv", "peer")
+                 "half_closed", "_corked", "_drained", "last_recv", "peer")
 
     def __init__(self, sock: socket.socket, flusher: "Flusher", send_timeout: float,
                  max_outbuf: int) -> None:
@@ -114,6 +119,9 @@ class BufferedSocket:
         self._close_when_flushed = False
         # The socket was shut down (FIN or RST sent, reader woken).
         self._shut = False
+        # Only the sending side was shut (FIN after the server's close
+        # frame); the handler reads on until the client's close reply.
+        self.half_closed = False
         # In a corked thread's list: written when that thread uncorks.
         self._corked = False
         # Signalled whenever _out shrinks, made by the first wait_drained
@@ -213,17 +221,23 @@ class BufferedSocket:
             logger.debug("SO_SNDBUF not set: %r", exc)
 
     def shutdown_after_flush(self) -> None:
-        """Shut the connection down once every queued byte is written.
+        """End the sending side once every queued byte is written.
 
-        Go's ``conn.Close()`` after the close frame: here the close frame may
-        still wait in the buffer, so the shutdown waits for it (at most
-        ``send_timeout``, then the connection is aborted).
+        Go's ``conn.Close()`` after the close frame, as a closing handshake:
+        the close frame may still wait in the buffer, so this waits for it
+        (at most ``send_timeout``, then the connection is aborted); then
+        FIN, and the reading side stays open for the client's close reply
+        (``half_closed``). Shutting the reading side at once would make the
+        kernel answer any frame still on its way from the client with a
+        reset, and a client whose next send fails on it reports 1006, not
+        the server's code. The reading side is shut after ``CLOSE_WAIT``
+        seconds (by the flusher), so a silent client's handler ends too.
         """
         with self._lock:
             if self._out and self._error is None:
                 self._closing = True
                 return
-            self._shutdown()
+            self._half_close()
 
     def abort(self, reason: str = "aborted") -> None:
         """Drop what is queued and reset the connection now."""
@@ -306,7 +320,10 @@ class BufferedSocket:
                 return False
             self._since = None
             if self._closing:
-                self._shutdown()
+                if self._close_when_flushed:
+                    self._shutdown()
+                else:
+                    self._half_close()
             return True
 
     def _expired(self, now: float) -> bool:
@@ -353,6 +370,29 @@ class BufferedSocket:
                 self._sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+    def _half_close(self) -> None:
+        """Send FIN after what the kernel holds, keep reading; lock held.
+
+        After it every send raises; the flusher shuts the reading side too
+        after ``CLOSE_WAIT`` seconds, waking a reader still waiting.
+        """
+        assert self._lock.locked()
+        if self._error is None:
+            self._error = ConnectionError("closed")
+        if self._shut or self.half_closed:
+            return
+        self.half_closed = True
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        self._flusher.shut_read_later(self, time.monotonic() + CLOSE_WAIT)
+
+    def _shut_read(self) -> None:
+        """Shut the socket down (the flusher, ``CLOSE_WAIT`` after a half close)."""
+        with self._lock:
+            self._shutdown()
 
     def _abort(self, exc: Exception) -> None:
         """Fail the connection: drop the buffer, reset, wake the reader; lock held.
@@ -403,6 +443,9 @@ class Flusher:
         self._watched: set[BufferedSocket] = set()
         # Sockets to register with the selector (only the thread does).
         self._pending: list[BufferedSocket] = []
+        # Half-closed sockets whose reading side is shut at a deadline, in
+        # the order they came (one CLOSE_WAIT each): (deadline, socket).
+        self._reads_to_shut: collections.deque = collections.deque()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -464,13 +507,28 @@ class Flusher:
             self.watch(bsock)
         self._wake()
 
+    def shut_read_later(self, bsock: BufferedSocket, deadline: float) -> None:
+        """Shut ``bsock``'s reading side at ``deadline`` (monotonic), if still open."""
+        with self._lock:
+            self._reads_to_shut.append((deadline, bsock))
+
     def stop(self) -> None:
-        """Stop the thread."""
+        """Stop the thread; shut every reading side still waiting for a reply."""
         if self._stopped:
             return
         self._stopped = True
         self._wake()
         self._thread.join(timeout=5)
+        self._shut_reads(float("inf"))
+
+    def _shut_reads(self, now: float) -> None:
+        """Shut the reading sides whose deadline came."""
+        while True:
+            with self._lock:
+                if not self._reads_to_shut or self._reads_to_shut[0][0] > now:
+                    return
+                _, bsock = self._reads_to_shut.popleft()
+            bsock._shut_read()
 
     def _wake(self) -> None:
         try:
@@ -521,6 +579,7 @@ class Flusher:
         for bsock in list(registered):
             if bsock._expired(now):
                 self._done(bsock, registered)
+        self._shut_reads(now)
 
     def _done(self, bsock: BufferedSocket, registered: dict) -> None:
         fd = registered.pop(bsock, None)

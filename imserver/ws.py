@@ -42,6 +42,7 @@ from flask import g
 from flask import request
 from flask_sock import Sock
 from simple_websocket import ConnectionClosed
+from wsproto.events import CloseConnection
 
 from imserver import delivery
 from imserver.auth import authenticate
@@ -258,9 +259,10 @@ def _frames(ws, bsock: "BufferedSocket", splitter: FrameSplitter | None = None):
     (``_handle_events``), which answers pings and close frames and enforces
     ``max_message_size`` (1009); the messages it completes land in
     ``input_buffer``, which this drains, in order with the others. Ends when
-    the connection closes, from either side: a close by another thread
-    (replace, kick, heartbeat, shutdown) shuts the socket down, and ``recv``
-    returns.
+    the connection closes, from either side. A close by another thread
+    (replace, kick, heartbeat, shutdown) writes the close frame and ends the
+    sending side; the frames still read are dropped, and after the loop
+    ``_await_close_reply`` reads on until the client answers it.
     """
     while ws.connected:
         try:
@@ -269,7 +271,7 @@ def _frames(ws, bsock: "BufferedSocket", splitter: FrameSplitter | None = None):
             data = b""
         if not data:
             ws.connected = False
-            break
+            return
         for segment in (splitter.feed(data) if splitter is not None else (data,)):
             if not ws.connected:
                 break  # closed: nothing after the close counts
@@ -282,6 +284,37 @@ def _frames(ws, bsock: "BufferedSocket", splitter: FrameSplitter | None = None):
             ws.connected = keep_going and ws.connected
             while ws.input_buffer:
                 yield ws.input_buffer.pop(0)
+    if bsock.half_closed:
+        _await_close_reply(ws, bsock, splitter)
+
+
+def _await_close_reply(ws, bsock: "BufferedSocket", splitter: FrameSplitter | None) -> None:
+    """After the server's close frame: drop what comes until the client's reply.
+
+    The closing handshake (RFC 6455 7.1): the client answers a close frame
+    with its own, and the server ends the connection after that. Reading
+    until then keeps the kernel from answering a frame still on its way
+    with a reset (then the client could miss the close frame and its
+    code). Ends at the reply, at the end of the stream, on any error, or
+    when the flusher shuts the reading side (``transport.CLOSE_WAIT``).
+    """
+    while True:
+        try:
+            data = bsock.recv(RECEIVE_BYTES)
+        except OSError:
+            return
+        if not data:
+            return
+        for segment in (splitter.feed(data) if splitter is not None else (data,)):
+            if isinstance(segment, str):
+                continue  # a message sent before the client saw the close
+            try:
+                ws.ws.receive_data(segment)
+                for event in ws.ws.events():
+                    if isinstance(event, CloseConnection):
+                        return
+            except Exception:
+                return  # wsproto refuses the stream: no reply to wait for
 
 
 class Session:

@@ -371,6 +371,61 @@ def test_new_connection_replaces_old_with_4001_and_cleanup_spares_new(live_serve
     new.close()
 
 
+def test_a_client_still_sending_when_the_server_closes_gets_a_closing_handshake(
+        live_server):
+    """A close by the server (here: replaced, 4001) is a closing handshake.
+
+    The server goes on reading after its close frame: a frame the client
+    sent before it saw the close, and then the client's close reply, arrive
+    without a TCP reset, and the server ends the stream after the reply. A
+    reset there makes a client library whose next send fails report 1006
+    instead of the server's code (seen in CI: a client sending during a
+    SIGTERM got no close frame).
+    """
+    import select
+
+    bob = live_server.user()
+    raw = RawClient(live_server.port, bob.token)
+    try:
+        assert raw.status == 101, raw.status_line
+        assert raw.read_frame()[0] == 0x1  # ready
+        closed_before = live_server.hub.metrics.closed._value.get()
+        newer = bob.connect()
+        # The close frame is here; a client still sending has a frame in flight.
+        assert select.select([raw.sock], [], [], T)[0], "no close frame"
+        raw.send_frame(b'{"type":"ping"}')
+        opcode, payload = raw.read_frame()
+        assert (opcode, payload[:2], payload[2:]) == (0x8, (4001).to_bytes(2, "big"),
+                                                      b"replaced")
+        raw.send_frame(payload[:2], opcode=0x8)  # the client's close reply
+        assert raw.sock.recv(1) == b"", "the server ends the stream after the reply"
+        wait_until(lambda: live_server.hub.metrics.closed._value.get() > closed_before,
+                   message="the old handler finished")
+        assert live_server.hub.conns.count() == 1
+        newer.close()
+    finally:
+        raw.close()
+
+
+def test_a_client_that_never_answers_the_close_is_let_go_after_close_wait(live_server):
+    """The wait for the close reply is bounded: a client that neither reads
+    nor answers still has its handler end, and then sees the end of the stream."""
+    from imserver.transport import CLOSE_WAIT
+
+    bob = live_server.user()
+    raw = RawClient(live_server.port, bob.token, timeout=CLOSE_WAIT + 2 * T)
+    try:
+        assert raw.read_frame()[0] == 0x1  # ready
+        newer = bob.connect()  # counted from before its handshake
+        wait_until(lambda: live_server.hub.open_connections == 1, CLOSE_WAIT + 2 * T,
+                   "the replaced handler ended without a close reply")
+        assert raw.read_until_closed() == [0x8]
+        assert live_server.hub.conns.count() == 1
+        newer.close()
+    finally:
+        raw.close()
+
+
 @pytest.mark.parametrize("config_overrides", [{"PING_INTERVAL": 0.2, "IDLE_TIMEOUT": 0.8}])
 def test_silent_client_is_dropped_by_the_heartbeat(live_server):
     """A client that never answers pings is closed and removed; a live one stays."""
