@@ -97,7 +97,7 @@ class BufferedSocket:
     # One per connection: slots, not a dict per instance.
     __slots__ = ("_sock", "_flusher", "send_timeout", "max_outbuf", "_lock", "_out",
                  "_since", "_error", "_closing", "_close_when_flushed", "_shut",
-                 "half_closed", "_corked", "_drained", "last_recv", "peer")
+                 "_half_closed", "_corked", "_drained", "last_recv", "peer")
 
     def __init__(self, sock: socket.socket, flusher: "Flusher", send_timeout: float,
                  max_outbuf: int) -> None:
@@ -121,7 +121,7 @@ class BufferedSocket:
         self._shut = False
         # Only the sending side was shut (FIN after the server's close
         # frame); the handler reads on until the client's close reply.
-        self.half_closed = False
+        self._half_closed = False
         # In a corked thread's list: written when that thread uncorks.
         self._corked = False
         # Signalled whenever _out shrinks, made by the first wait_drained
@@ -227,7 +227,7 @@ class BufferedSocket:
         the close frame may still wait in the buffer, so this waits for it
         (at most ``send_timeout``, then the connection is aborted); then
         FIN, and the reading side stays open for the client's close reply
-        (``half_closed``). Shutting the reading side at once would make the
+        (``_half_closed``). Shutting the reading side at once would make the
         kernel answer any frame still on its way from the client with a
         reset, and a client whose next send fails on it reports 1006, not
         the server's code. The reading side is shut after ``CLOSE_WAIT``
@@ -380,9 +380,9 @@ class BufferedSocket:
         assert self._lock.locked()
         if self._error is None:
             self._error = ConnectionError("closed")
-        if self._shut or self.half_closed:
+        if self._shut or self._half_closed:
             return
-        self.half_closed = True
+        self._half_closed = True
         try:
             self._sock.shutdown(socket.SHUT_WR)
         except OSError:

@@ -42,6 +42,7 @@ from flask import g
 from flask import request
 from flask_sock import Sock
 from simple_websocket import ConnectionClosed
+from wsproto.connection import ConnectionState
 from wsproto.events import CloseConnection
 
 from imserver import delivery
@@ -251,6 +252,11 @@ def _unmask_text(mask: bytes, payload: bytes):
         return None  # wsproto fails the connection with 1007
 
 
+# wsproto's states in which the server closed and the client has not: the
+# handler waits for the client's close reply (``_await_close_reply``).
+_WE_CLOSED = (ConnectionState.OPEN, ConnectionState.LOCAL_CLOSING)
+
+
 def _frames(ws, bsock: "BufferedSocket", splitter: FrameSplitter | None = None):
     """Yield each text or binary frame the client sends, in the calling thread.
 
@@ -262,7 +268,10 @@ def _frames(ws, bsock: "BufferedSocket", splitter: FrameSplitter | None = None):
     the connection closes, from either side. A close by another thread
     (replace, kick, heartbeat, shutdown) writes the close frame and ends the
     sending side; the frames still read are dropped, and after the loop
-    ``_await_close_reply`` reads on until the client answers it.
+    ``_await_close_reply`` reads on until the client answers it. wsproto
+    never saw a close of ours written directly (its state stays ``OPEN``)
+    and has sent one when it is ``LOCAL_CLOSING`` (1009); after the client's
+    own close it is ``REMOTE_CLOSING`` or ``CLOSED``: nothing to wait for.
     """
     while ws.connected:
         try:
@@ -284,7 +293,10 @@ def _frames(ws, bsock: "BufferedSocket", splitter: FrameSplitter | None = None):
             ws.connected = keep_going and ws.connected
             while ws.input_buffer:
                 yield ws.input_buffer.pop(0)
-    if bsock.half_closed:
+    if ws.ws.state in _WE_CLOSED:
+        # Our close (another thread's, or simple-websocket's 1009): the
+        # closing handshake, bounded by the flusher.
+        bsock.shutdown_after_flush()
         _await_close_reply(ws, bsock, splitter)
 
 

@@ -407,6 +407,27 @@ def test_a_client_still_sending_when_the_server_closes_gets_a_closing_handshake(
         raw.close()
 
 
+@pytest.mark.parametrize("config_overrides", [{"MAX_FRAME_BYTES": 1024}])
+def test_a_client_still_sending_after_a_1009_gets_a_closing_handshake(live_server):
+    """A close of simple-websocket's (1009, a frame too big) waits for the
+    client's reply too: frames in flight after it are no reason for a reset."""
+    import select
+
+    bob = live_server.user()
+    raw = RawClient(live_server.port, bob.token)
+    try:
+        assert raw.read_frame()[0] == 0x1  # ready
+        raw.send_frame(b"x" * 2048)
+        assert select.select([raw.sock], [], [], T)[0], "no close frame"
+        raw.send_frame(b'{"type":"ping"}')
+        opcode, payload = raw.read_frame()
+        assert (opcode, payload[:2]) == (0x8, (1009).to_bytes(2, "big"))
+        raw.send_frame(payload[:2], opcode=0x8)
+        assert raw.sock.recv(1) == b"", "the server ends the stream after the reply"
+    finally:
+        raw.close()
+
+
 def test_a_client_that_never_answers_the_close_is_let_go_after_close_wait(live_server):
     """The wait for the close reply is bounded: a client that neither reads
     nor answers still has its handler end, and then sees the end of the stream."""
