@@ -273,6 +273,7 @@ def _frames(ws, bsock: "BufferedSocket", splitter: FrameSplitter | None = None):
     and has sent one when it is ``LOCAL_CLOSING`` (1009); after the client's
     own close it is ``REMOTE_CLOSING`` or ``CLOSED``: nothing to wait for.
     """
+    rest = ()
     while ws.connected:
         try:
             data = bsock.recv(RECEIVE_BYTES)
@@ -281,9 +282,11 @@ def _frames(ws, bsock: "BufferedSocket", splitter: FrameSplitter | None = None):
         if not data:
             ws.connected = False
             return
-        for segment in (splitter.feed(data) if splitter is not None else (data,)):
+        segments = splitter.feed(data) if splitter is not None else (data,)
+        for i, segment in enumerate(segments):
             if not ws.connected:
-                break  # closed: nothing after the close counts
+                rest = segments[i:]  # after our close only the reply counts
+                break
             if isinstance(segment, str):
                 yield segment
                 continue
@@ -297,10 +300,11 @@ def _frames(ws, bsock: "BufferedSocket", splitter: FrameSplitter | None = None):
         # Our close (another thread's, or simple-websocket's 1009): the
         # closing handshake, bounded by the flusher.
         bsock.shutdown_after_flush()
-        _await_close_reply(ws, bsock, splitter)
+        _await_close_reply(ws, bsock, splitter, rest)
 
 
-def _await_close_reply(ws, bsock: "BufferedSocket", splitter: FrameSplitter | None) -> None:
+def _await_close_reply(ws, bsock: "BufferedSocket", splitter: FrameSplitter | None,
+                       segments=()) -> None:
     """After the server's close frame: drop what comes until the client's reply.
 
     The closing handshake (RFC 6455 7.1): the client answers a close frame
@@ -309,15 +313,10 @@ def _await_close_reply(ws, bsock: "BufferedSocket", splitter: FrameSplitter | No
     with a reset (then the client could miss the close frame and its
     code). Ends at the reply, at the end of the stream, on any error, or
     when the flusher shuts the reading side (``transport.CLOSE_WAIT``).
+    ``segments`` are those of the last read that came after the close.
     """
     while True:
-        try:
-            data = bsock.recv(RECEIVE_BYTES)
-        except OSError:
-            return
-        if not data:
-            return
-        for segment in (splitter.feed(data) if splitter is not None else (data,)):
+        for segment in segments:
             if isinstance(segment, str):
                 continue  # a message sent before the client saw the close
             try:
@@ -327,6 +326,13 @@ def _await_close_reply(ws, bsock: "BufferedSocket", splitter: FrameSplitter | No
                         return
             except Exception:
                 return  # wsproto refuses the stream: no reply to wait for
+        try:
+            data = bsock.recv(RECEIVE_BYTES)
+        except OSError:
+            return
+        if not data:
+            return
+        segments = splitter.feed(data) if splitter is not None else (data,)
 
 
 class Session:

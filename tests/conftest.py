@@ -250,6 +250,11 @@ class RawClient:
 
     def send_frame(self, payload: bytes, opcode=0x1):
         """Send one masked frame (clients must mask)."""
+        self.sock.sendall(self.frame(payload, opcode))
+
+    @staticmethod
+    def frame(payload: bytes, opcode=0x1) -> bytes:
+        """Return one masked frame, to send several in one write."""
         mask = os.urandom(4)
         header = bytes([0x80 | opcode])
         n = len(payload)
@@ -260,7 +265,7 @@ class RawClient:
         else:
             header += bytes([0x80 | 127]) + n.to_bytes(8, "big")
         masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        self.sock.sendall(header + mask + masked)
+        return header + mask + masked
 
     def read_until_closed(self):
         """Read frames until the server ends the connection; return the opcodes."""

@@ -407,6 +407,34 @@ def test_a_client_still_sending_when_the_server_closes_gets_a_closing_handshake(
         raw.close()
 
 
+def test_a_close_reply_read_together_with_a_late_frame_ends_the_connection(
+        live_server, monkeypatch):
+    """The reply counts even when one read brings it behind a frame the
+    client sent before it saw the close: the handler ends then, not when
+    its wait for the reply (made a minute long here) runs out."""
+    import select
+
+    from imserver import transport
+
+    monkeypatch.setattr(transport, "CLOSE_WAIT", 60.0)
+    bob = live_server.user()
+    raw = RawClient(live_server.port, bob.token)
+    try:
+        assert raw.read_frame()[0] == 0x1  # ready
+        newer = bob.connect()
+        assert select.select([raw.sock], [], [], T)[0], "no close frame"
+        opcode, payload = raw.read_frame()
+        assert opcode == 0x8
+        # One write: a late frame, then the reply.
+        raw.sock.sendall(RawClient.frame(b'{"type":"ping"}')
+                         + RawClient.frame(payload[:2], opcode=0x8))
+        wait_until(lambda: live_server.hub.open_connections == 1, T,
+                   "the replaced handler ended at the reply")
+        newer.close()
+    finally:
+        raw.close()
+
+
 @pytest.mark.parametrize("config_overrides", [{"MAX_FRAME_BYTES": 1024}])
 def test_a_client_still_sending_after_a_1009_gets_a_closing_handshake(live_server):
     """A close of simple-websocket's (1009, a frame too big) waits for the
