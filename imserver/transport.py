@@ -523,7 +523,8 @@ class Flusher:
 
     def _shut_reads(self, now: float) -> None:
         """Shut the reading sides whose deadline came."""
-        while True:
+        # Read without the lock first: most steps have none waiting.
+        while self._reads_to_shut:
             with self._lock:
                 if not self._reads_to_shut or self._reads_to_shut[0][0] > now:
                     return

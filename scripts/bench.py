@@ -224,7 +224,7 @@ class Server:
         self.db_path = os.path.join(workdir, f"{name}-{self.port}.sqlite3")
         # --postgres: a database of this server's own on that PostgreSQL,
         # created at start and dropped at stop.
-        self.pg_admin = getattr(args, "postgres", None) if kind == "imserver" else None
+        self.pg_admin = args.postgres if kind == "imserver" else None
         self.pg_url = None
         if self.pg_admin:
             self.pg_name = f"imbench_{os.getpid()}_{self.port}"
